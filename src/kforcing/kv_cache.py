@@ -1,0 +1,79 @@
+"""A preallocated key/value cache shared by every decoder (AR, K-Forcing, lossless).
+
+Slots are filled left to right and shared by all rows of the batch; each row has its own RoPE
+positions (so ragged prompts can be left-padded) and a validity mask for padding slots.
+
+The protocol that K-Forcing relies on: a forward pass writes the K/V of all its T tokens at slots
+[length, length + T) and attends over [0, length + T); only the first `commit` of them become part
+of the cache. The rest (noise tokens) sit in scratch slots that the next pass overwrites, so they
+never influence later tokens. `truncate` rolls the cache back (lossless mode rejects tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kforcing.errors import KForcingError
+
+
+class KVCache:
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
+                 *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.has_padding = False
+        self.length = 0
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int | None = None) -> KVCache:
+        cfg = model.config
+        p = next(model.parameters())
+        max_len = max_len or cfg.max_seq_len
+        return cls(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len,
+                   device=p.device, dtype=p.dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def check_room(self, T: int) -> None:
+        if self.length + T > self.max_len:
+            raise KForcingError(
+                f"KV cache full: {self.length} cached + {T} new tokens > capacity {self.max_len}")
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, T, D) at the next T slots; return K, V over [0, length + T)."""
+        L, T = self.length, k.shape[2]
+        self.k[layer, :, :, L:L + T] = k
+        self.v[layer, :, :, L:L + T] = v
+        return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of one layer at explicit slot indices (S,) -> (B, H_kv, S, D)."""
+        if slots.numel() and int(slots.max()) >= self.length:
+            raise KForcingError(f"read past the cache: slot {int(slots.max())} >= {self.length}")
+        return self.k[layer, :, :, slots], self.v[layer, :, :, slots]
+
+    def mark_padding(self, valid: torch.Tensor) -> None:
+        """valid (B, T): False for padding among the next T slots (call before the pass)."""
+        L, T = self.length, valid.shape[1]
+        self.valid[:, L:L + T] = valid
+        self.has_padding = self.has_padding or not bool(valid.all())
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Roll back to `length` slots; later slots become scratch again."""
+        if not 0 <= length <= self.length:
+            raise KForcingError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+        self.valid[:, length:] = True
+
+    def reset(self) -> None:
+        self.truncate(0)
+        self.has_padding = False

@@ -1,0 +1,189 @@
+"""A lean Llama-style causal Transformer (RMSNorm, RoPE, SwiGLU, grouped-query attention).
+
+One forward for every use: training (causal or any boolean mask), prefill and decode with a KV
+cache, and K-Forcing passes that feed input vectors instead of token ids at chosen positions.
+Projections are fused (qkv, gate+up) to keep per-step overhead low on small models; hf.py splits
+them when converting to and from Hugging Face's layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kforcing.config import ModelConfig
+from kforcing.errors import KForcingError
+from kforcing.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
+        # low-precision activations: normalise in fp32 like Hugging Face Llama
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim) in the 'rotate half' layout Hugging Face Llama uses."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos, sin (B, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, q_dim + 2 * kv_dim, bias=False)
+        self.wo = nn.Linear(q_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv = self.n_head, self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
+        qk = apply_rope(qkv[:, :H + Hkv], cos, sin)       # rotate q and k in one go
+        q, k = qk[:, :H], qk[:, H:]                         # (B, H, T, D), (B, Hkv, T, D)
+        v = qkv[:, H + Hkv:]
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v)                       # (B, Hkv, S, D)
+        # dropout acts on the residual stream only: attention-probability dropout would force
+        # SDPA's slow math path on CPU (2x slower training).
+        # No mask and no cache means plain causal training; with a cache and T == 1 the new
+        # token sees every cached slot, so no mask is needed either
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
+            enable_gqa=self.n_kv_head != self.n_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden = cfg.intermediate_size
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # gate | up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+def causal_mask(T: int, past: int = 0, valid: torch.Tensor | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean mask (B or 1, 1, T, past + T): query i (slot past + i) sees slots <= past + i.
+
+    valid (B, past + T) removes padding slots; a query always sees itself so no row is empty.
+    """
+    q_slot = torch.arange(past, past + T, device=device)[:, None]
+    k_slot = torch.arange(past + T, device=device)[None, :]
+    mask = k_slot <= q_slot                                                  # (T, S)
+    if valid is None:
+        return mask[None, None]
+    return (mask[None] & valid[:, None, :]) | (k_slot == q_slot)[None]      # (B, T, S)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # scaled init of the residual projections (GPT-2 / nanoGPT)
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, commit: int | None = None,
+                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with last_only, or final hidden states with return_hidden.
+
+        idx (B, T) token ids, or embeds (B, T, dim) input vectors (K-Forcing noise tokens).
+        input_pos (B, T) or (T,) RoPE positions; default: the next slots after the cache.
+        mask bool (B or 1, 1 or H, T, S), True = attend, S = cached slots + T.
+        With a cache, all T tokens' K/V are written but only the first `commit` (default T)
+        are kept.
+        """
+        x = self.tok_embeddings(idx) if embeds is None else embeds
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.check_room(T)
+        if input_pos is None:
+            input_pos = torch.arange(past, past + T, device=x.device)
+        if input_pos.dim() == 1:
+            input_pos = input_pos.unsqueeze(0).expand(B, T)
+        if T and int(input_pos.max()) >= self.config.max_seq_len:
+            raise KForcingError(
+                f"position {int(input_pos.max())} exceeds the model's context of "
+                f"{self.config.max_seq_len} tokens")
+        cos = self.rope_cos[input_pos].unsqueeze(1)                    # (B, 1, T, D)
+        sin = self.rope_sin[input_pos].unsqueeze(1)
+        if mask is None and cache is not None and (T > 1 or cache.has_padding):
+            valid = cache.valid[:, :past + T] if cache.has_padding else None
+            mask = causal_mask(T, past, valid, device=x.device)
+        if mask is not None and mask.dim() == 3:
+            mask = mask.unsqueeze(1)
+        x = self.drop(x)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.commit(T if commit is None else commit)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        return x if return_hidden else self.output(x)

@@ -1,0 +1,99 @@
+"""Sampling as a deterministic function of explicit uniforms (inverse-CDF), the primitive that
+K-Forcing, its distillation targets and lossless verification are all built on.
+
+token = InvCDF(p, u): order the vocabulary, accumulate p in that order, return the first token
+whose cumulative probability exceeds u. With u ~ U[0, 1) the token is an exact sample of p; with
+the same u, two models agree exactly when their CDF intervals for that u agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kforcing.errors import KForcingError
+
+CDF_ORDERS = ("vocab", "sorted")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cdf_order: str = "vocab"
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise KForcingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise KForcingError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise KForcingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.cdf_order not in CDF_ORDERS:
+            raise KForcingError(f"cdf_order must be one of {CDF_ORDERS}, got '{self.cdf_order}'")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(seed: int | torch.Generator | None, device: str | torch.device = "cpu"
+                   ) -> torch.Generator:
+    if isinstance(seed, torch.Generator):
+        return seed
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else torch.seed())
+    return g
+
+
+def uniforms(shape: tuple[int, ...], generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """U[0, 1) noise in float64 (the resolution the CDF lookup is done in)."""
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+
+
+def probs_from_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits (..., V) -> probabilities (..., V) after temperature, top-k and top-p (float32)."""
+    logits = logits.float()
+    if cfg.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= cfg.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits.softmax(-1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, order: str = "vocab") -> torch.Tensor:
+    """probs (..., V), u (...) in [0, 1) -> token ids (...), long.
+
+    order 'vocab' accumulates in token-id order (the K-Forcing release); 'sorted' in order of
+    decreasing probability (ties by id), so small u pick likely tokens.
+    """
+    if order == "sorted":
+        sorted_p, perm = torch.sort(probs, dim=-1, descending=True, stable=True)
+        idx = inverse_cdf(sorted_p, u, "vocab")
+        return perm.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    if order != "vocab":
+        raise KForcingError(f"cdf order must be one of {CDF_ORDERS}, got '{order}'")
+    cdf = probs.double().cumsum(-1)
+    # scale u by the total so rounding in the sum can never push u past the last interval
+    target = (u.double() * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def sample(logits: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits (..., V), u (...) -> tokens (...): the one sampling function every decoder uses."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    return inverse_cdf(probs_from_logits(logits, cfg), u, cfg.cdf_order)
