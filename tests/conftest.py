@@ -21,12 +21,13 @@ from kforcing.model import Transformer
 # keeps every floating-point reduction in a fixed order.
 torch.set_num_threads(1)
 
-WORDS = (
+_WORD_TEXT = (
     "the a of and to in is was he she it they we you that this with for on at by from "
     "river stone garden window morning evening quiet bright small large old new green "
     "walked talked opened closed found lost carried painted remembered wondered "
     "letter book table chair door road city village sea mountain cloud rain sun"
-).split()
+)
+WORDS = _WORD_TEXT.split()
 
 
 @pytest.fixture
@@ -75,8 +76,12 @@ def saved_tiny_model(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     """A saved `tiny` model directory (max_seq_len 32) with the corpus tokenizer next to it."""
     from kforcing.checkpoint import save_model
 
-    cfg = ModelConfig.preset("tiny", vocab_size=tiny_tokenizer.get_vocab_size(), max_seq_len=32,
-                             eos_id=eos_id(tiny_tokenizer))
+    cfg = ModelConfig.preset(
+        "tiny",
+        vocab_size=tiny_tokenizer.get_vocab_size(),
+        max_seq_len=32,
+        eos_id=eos_id(tiny_tokenizer),
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Transformer(cfg).eval()

@@ -40,7 +40,7 @@ def test_sampled_tokens_match_reference_loop(make_model):
         for _ in range(n):
             logits = model(torch.tensor([seq]))[:, -1]
             seq.append(int(sample(logits, uniforms((1,), gen), cfg)[0]))
-    assert res.tokens == [seq[len(prompt):]]
+    assert res.tokens == [seq[len(prompt) :]]
 
 
 def test_greedy_ragged_batch_equals_each_prompt_alone(make_model):
@@ -55,7 +55,7 @@ def test_greedy_ragged_batch_equals_each_prompt_alone(make_model):
             seq = list(p)
             for _ in range(12):
                 seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-            assert batch.tokens[i] == seq[len(p):]
+            assert batch.tokens[i] == seq[len(p) :]
 
 
 def test_sampled_ragged_batch_rows_are_independent_of_padding(make_model):
@@ -89,12 +89,12 @@ def test_stop_at_eos(make_model):
     eos = free[k]
     res = generate(model, [prompt], 10, sampling=cfg, seed=3, eos_id=eos)
     assert res.finished == [True]
-    assert res.tokens == [free[:k + 1]]
+    assert res.tokens == [free[: k + 1]]
     assert res.tokens[0][-1] == eos
     assert res.forward_passes == k + 1
     # the model config's eos_id is the default
     model.config.eos_id = eos
-    assert generate(model, [prompt], 10, sampling=cfg, seed=3).tokens == [free[:k + 1]]
+    assert generate(model, [prompt], 10, sampling=cfg, seed=3).tokens == [free[: k + 1]]
     # stop_at_eos=False runs to max_new_tokens and reports nothing finished
     full = generate(model, [prompt], 10, sampling=cfg, seed=3, stop_at_eos=False)
     assert full.tokens == [free] and full.finished == [False]
@@ -135,14 +135,17 @@ def test_eos_model_via_output_weights(make_model):
         assert res.forward_passes == 1
 
 
-@pytest.mark.parametrize("prompts, n, msg", [
-    ([], 5, "no prompts"),
-    ([[1, 2], []], 5, "prompt 1 is empty"),
-    ([[1] * 30], 3, "prompt 0 has 30 tokens.*context of 32"),
-    ([[1, 2, 32000]], 3, "token id 32000 outside the vocabulary of 256"),
-    ([[1, -1]], 3, "token id -1 outside the vocabulary"),
-    ([[1, 2]], -1, "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "prompts, n, msg",
+    [
+        ([], 5, "no prompts"),
+        ([[1, 2], []], 5, "prompt 1 is empty"),
+        ([[1] * 30], 3, "prompt 0 has 30 tokens.*context of 32"),
+        ([[1, 2, 32000]], 3, "token id 32000 outside the vocabulary of 256"),
+        ([[1, -1]], 3, "token id -1 outside the vocabulary"),
+        ([[1, 2]], -1, "max_new_tokens"),
+    ],
+)
 def test_bad_prompts_raise(make_model, prompts, n, msg):
     model = make_model(max_seq_len=32)
     with pytest.raises(KForcingError, match=msg):

@@ -31,13 +31,13 @@ def random_ids(n: int, vocab: int = 256, seed: int = 0, batch: int = 1) -> torch
 def test_cached_decode_matches_uncached_forward(make_model):
     model = make_model()
     ids = random_ids(12, batch=2)
-    full = model(ids)                                         # (2, 12, V), plain causal forward
+    full = model(ids)  # (2, 12, V), plain causal forward
     cache = KVCache.for_model(model, batch_size=2, max_len=12)
     # prefill the first 5 tokens in one pass, then one token per pass
     out = [model(ids[:, :5], cache=cache)]
     assert cache.length == 5
     for t in range(5, 12):
-        out.append(model(ids[:, t:t + 1], cache=cache))
+        out.append(model(ids[:, t : t + 1], cache=cache))
         assert cache.length == t + 1
     cached = torch.cat(out, dim=1)
     assert cached.dtype == torch.float32
@@ -75,7 +75,7 @@ def test_ragged_left_padded_batch_matches_rows_alone(make_model):
         logits = model(tok[:, None], input_pos=pos[:, None], cache=cache)[:, -1]
         pos = pos + 1
         for b, p in enumerate(prompts):
-            alone = model(torch.tensor([p + continuations[b][:step + 1]]))[0, -1]
+            alone = model(torch.tensor([p + continuations[b][: step + 1]]))[0, -1]
             assert max_diff(logits[b], alone) < TOL, (b, step)
 
 
@@ -90,7 +90,7 @@ def test_ragged_multi_token_pass_after_padding(make_model):
     pos = pre.next_pos[:, None] + torch.arange(3)[None]
     logits = model(extra, input_pos=pos, cache=cache)
     for b, p in enumerate(prompts):
-        alone = model(torch.tensor([p + extra[b].tolist()]))[0, len(p):]
+        alone = model(torch.tensor([p + extra[b].tolist()]))[0, len(p) :]
         assert max_diff(logits[b], alone) < TOL
 
 
@@ -101,7 +101,7 @@ def test_custom_causal_mask_equals_default(make_model):
     ref = model(ids)
     mask = torch.tril(torch.ones(9, 9, dtype=torch.bool))
     assert max_diff(model(ids, mask=mask[None, None]), ref) < TOL
-    assert max_diff(model(ids, mask=mask[None]), ref) < TOL          # 3-D masks are accepted
+    assert max_diff(model(ids, mask=mask[None]), ref) < TOL  # 3-D masks are accepted
     assert torch.equal(causal_mask(9), mask[None, None])
 
 
@@ -175,18 +175,18 @@ def test_truncate_rollback_then_refeed_is_identical(make_model):
     ids = random_ids(9, seed=4)
     cache = KVCache.for_model(model, 1, max_len=9)
     model(ids[:, :6], cache=cache)
-    first = [model(ids[:, t:t + 1], cache=cache) for t in range(6, 9)]
+    first = [model(ids[:, t : t + 1], cache=cache) for t in range(6, 9)]
     assert cache.length == 9
     cache.truncate(6)
     assert cache.length == 6
-    again = [model(ids[:, t:t + 1], cache=cache) for t in range(6, 9)]
+    again = [model(ids[:, t : t + 1], cache=cache) for t in range(6, 9)]
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
     # rolling back and feeding different tokens then the original ones also recovers exactly
     cache.truncate(6)
     model(torch.tensor([[3, 3, 3]]), cache=cache)
     cache.truncate(6)
-    third = [model(ids[:, t:t + 1], cache=cache) for t in range(6, 9)]
+    third = [model(ids[:, t : t + 1], cache=cache) for t in range(6, 9)]
     for a, b in zip(first, third, strict=True):
         assert torch.equal(a, b)
 
@@ -249,7 +249,7 @@ def test_position_beyond_context_raises(make_model):
         model(random_ids(17))
     with pytest.raises(KForcingError, match="position 16"):
         model(torch.tensor([[1]]), input_pos=torch.tensor([16]))
-    model(random_ids(16))                      # exactly the context is fine
+    model(random_ids(16))  # exactly the context is fine
 
 
 @torch.inference_mode()
@@ -270,16 +270,19 @@ def test_cache_overflow_raises(make_model):
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("kwargs, msg", [
-    ({"dim": 65, "n_head": 4}, "not divisible by n_head"),
-    ({"n_head": 4, "n_kv_head": 3}, "not a multiple of n_kv_head"),
-    ({"dim": 12, "n_head": 4, "n_kv_head": 2}, "head_dim must be even"),
-    ({"vocab_size": 0}, "vocab_size must be positive"),
-    ({"n_layer": -1}, "n_layer must be positive"),
-    ({"max_seq_len": 0}, "max_seq_len must be positive"),
-    ({"dropout": 1.0}, "dropout"),
-    ({"dropout": -0.1}, "dropout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        ({"dim": 65, "n_head": 4}, "not divisible by n_head"),
+        ({"n_head": 4, "n_kv_head": 3}, "not a multiple of n_kv_head"),
+        ({"dim": 12, "n_head": 4, "n_kv_head": 2}, "head_dim must be even"),
+        ({"vocab_size": 0}, "vocab_size must be positive"),
+        ({"n_layer": -1}, "n_layer must be positive"),
+        ({"max_seq_len": 0}, "max_seq_len must be positive"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+    ],
+)
 def test_model_config_validation(kwargs, msg):
     with pytest.raises(KForcingError, match=msg):
         ModelConfig(**kwargs)
@@ -296,11 +299,20 @@ def test_preset_errors_and_overrides():
         from_dict(ModelConfig, {"dim": 64, "bogus": 1})
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"block_size": 1}, {"batch_size": 0}, {"grad_accum": 0}, {"max_steps": 0},
-    {"lr": 0.0}, {"min_lr": 1.0, "lr": 0.1}, {"warmup_steps": 10, "max_steps": 10},
-    {"eval_every": 0}, {"ckpt_every": 0},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"block_size": 1},
+        {"batch_size": 0},
+        {"grad_accum": 0},
+        {"max_steps": 0},
+        {"lr": 0.0},
+        {"min_lr": 1.0, "lr": 0.1},
+        {"warmup_steps": 10, "max_steps": 10},
+        {"eval_every": 0},
+        {"ckpt_every": 0},
+    ],
+)
 def test_train_config_validation(kwargs):
     with pytest.raises(KForcingError):
         TrainConfig(**kwargs)
@@ -314,9 +326,14 @@ def test_num_params_matches_tiny(make_model, tie):
     assert (model.output.weight is model.tok_embeddings.weight) == tie
 
 
-@pytest.mark.parametrize("name, low, high", [
-    ("tiny", 0, 10**6), ("small", 5 * 10**6, 10 * 10**6), ("base", 80 * 10**6, 150 * 10**6),
-])
+@pytest.mark.parametrize(
+    "name, low, high",
+    [
+        ("tiny", 0, 10**6),
+        ("small", 5 * 10**6, 10 * 10**6),
+        ("base", 80 * 10**6, 150 * 10**6),
+    ],
+)
 def test_num_params_matches_presets(name, low, high):
     cfg = ModelConfig.preset(name)
     with torch.device("meta"):

@@ -48,8 +48,14 @@ def test_inverse_cdf_frequencies(order):
 def test_inverse_cdf_vocab_intervals_exact():
     # token i is chosen exactly for u in [CDF[i-1], CDF[i]); empty intervals never
     cases = [
-        (0.0, 0), (below(0.125), 0), (0.125, 2), (below(0.375), 2), (0.375, 3),
-        (below(0.875), 3), (0.875, 5), (below(1.0), 5),
+        (0.0, 0),
+        (below(0.125), 0),
+        (0.125, 2),
+        (below(0.375), 2),
+        (0.375, 3),
+        (below(0.875), 3),
+        (0.875, 5),
+        (below(1.0), 5),
     ]
     u = torch.tensor([c[0] for c in cases], dtype=torch.float64)
     got = inverse_cdf(P.expand(len(cases), -1), u, "vocab")
@@ -80,8 +86,17 @@ def test_inverse_cdf_unnormalised_scales_u():
 
 def test_sorted_order_intervals_and_argmax():
     # sorted order: 3 (0.5), 2 (0.25), then 0 and 5 (0.125, tie broken by id), zeros last
-    cases = [(0.0, 3), (1e-12, 3), (below(0.5), 3), (0.5, 2), (below(0.75), 2), (0.75, 0),
-             (below(0.875), 0), (0.875, 5), (below(1.0), 5)]
+    cases = [
+        (0.0, 3),
+        (1e-12, 3),
+        (below(0.5), 3),
+        (0.5, 2),
+        (below(0.75), 2),
+        (0.75, 0),
+        (below(0.875), 0),
+        (0.875, 5),
+        (below(1.0), 5),
+    ]
     u = torch.tensor([c[0] for c in cases], dtype=torch.float64)
     got = inverse_cdf(P.expand(len(cases), -1), u, "sorted")
     assert got.tolist() == [c[1] for c in cases]
@@ -93,8 +108,9 @@ def test_sorted_small_u_picks_argmax_batched():
     probs = logits.softmax(-1)
     u = torch.full((64,), 1e-9, dtype=torch.float64)
     assert torch.equal(inverse_cdf(probs, u, "sorted"), probs.argmax(-1))
-    assert torch.equal(inverse_cdf(probs, torch.zeros(64, dtype=torch.float64), "sorted"),
-                       probs.argmax(-1))
+    assert torch.equal(
+        inverse_cdf(probs, torch.zeros(64, dtype=torch.float64), "sorted"), probs.argmax(-1)
+    )
 
 
 def test_inverse_cdf_bad_order():
@@ -120,10 +136,11 @@ def test_top_k_keeps_exactly_k():
     assert torch.allclose(probs_from_logits(logits, SamplingConfig(top_k=99)), logits.softmax(-1))
 
 
-@pytest.mark.parametrize("top_p, n_kept", [(0.3, 1), (0.45, 1), (0.6, 2), (0.75, 2),
-                                           (0.85, 3), (0.97, 4), (1.0, 5)])
+@pytest.mark.parametrize(
+    "top_p, n_kept", [(0.3, 1), (0.45, 1), (0.6, 2), (0.75, 2), (0.85, 3), (0.97, 4), (1.0, 5)]
+)
 def test_top_p_keeps_smallest_prefix_reaching_p(top_p, n_kept):
-    base = torch.tensor([0.15, 0.5, 0.02, 0.3, 0.03])       # sorted: 1, 3, 0, 4, 2
+    base = torch.tensor([0.15, 0.5, 0.02, 0.3, 0.03])  # sorted: 1, 3, 0, 4, 2
     order = [1, 3, 0, 4, 2]
     # cumulative in sorted order: 0.5, 0.8, 0.95, 0.98, 1.0 -> the top_p values above sit
     # well inside the intervals, away from float rounding
@@ -149,8 +166,8 @@ def test_top_p_prefix_property_random():
             # the kept set is the n most likely tokens
             assert set(idx[:n].tolist()) == set(kept.nonzero().flatten().tolist())
             cum = sorted_p.cumsum(0)
-            assert cum[n - 1] >= top_p - 1e-6                 # reaches p...
-            assert n == 1 or cum[n - 2] < top_p + 1e-6        # ...and is the smallest such prefix
+            assert cum[n - 1] >= top_p - 1e-6  # reaches p...
+            assert n == 1 or cum[n - 2] < top_p + 1e-6  # ...and is the smallest such prefix
 
 
 def test_top_k_and_top_p_combined():
@@ -187,8 +204,9 @@ def test_sample_is_inverse_cdf_of_filtered_probs():
     logits = torch.randn(16, 64, generator=g)
     u = uniforms((16,), make_generator(5))
     cfg = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9, cdf_order="sorted")
-    assert torch.equal(sample(logits, u, cfg), inverse_cdf(probs_from_logits(logits, cfg), u,
-                                                           "sorted"))
+    assert torch.equal(
+        sample(logits, u, cfg), inverse_cdf(probs_from_logits(logits, cfg), u, "sorted")
+    )
 
 
 def test_make_generator_is_seeded():
@@ -200,14 +218,17 @@ def test_make_generator_is_seeded():
     assert make_generator(g) is g
 
 
-@pytest.mark.parametrize("kwargs, msg", [
-    ({"temperature": -0.1}, "temperature"),
-    ({"top_k": -1}, "top_k"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_p": -0.5}, "top_p"),
-    ({"cdf_order": "random"}, "cdf_order"),
-])
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": -0.5}, "top_p"),
+        ({"cdf_order": "random"}, "cdf_order"),
+    ],
+)
 def test_bad_sampling_config(kwargs, msg):
     with pytest.raises(KForcingError, match=msg):
         SamplingConfig(**kwargs)

@@ -60,12 +60,10 @@ def test_save_over_existing_and_tokenizer_copy(make_model, tmp_path, tiny_corpus
     loaded = load_model(tmp_path / "m")
     assert torch.equal(loaded.tok_embeddings.weight, b.tok_embeddings.weight)
     assert tokenizer_path(tmp_path / "m") == tmp_path / "m" / TOKENIZER_FILE
-    assert (tmp_path / "m" / TOKENIZER_FILE).read_bytes() == \
-        tiny_corpus.tokenizer_path.read_bytes()
+    assert (tmp_path / "m" / TOKENIZER_FILE).read_bytes() == tiny_corpus.tokenizer_path.read_bytes()
     # saving into the directory that already holds the tokenizer does not break it
     save_model(b, tmp_path / "m", tokenizer=tmp_path / "m" / TOKENIZER_FILE)
-    assert (tmp_path / "m" / TOKENIZER_FILE).read_bytes() == \
-        tiny_corpus.tokenizer_path.read_bytes()
+    assert (tmp_path / "m" / TOKENIZER_FILE).read_bytes() == tiny_corpus.tokenizer_path.read_bytes()
     assert leftovers(tmp_path) == []
 
 
@@ -88,18 +86,21 @@ def test_load_corrupt_weights(make_model, tmp_path, content):
 def test_load_truncated_weights(make_model, tmp_path):
     save_model(make_model(), tmp_path)
     data = (tmp_path / MODEL_FILE).read_bytes()
-    (tmp_path / MODEL_FILE).write_bytes(data[:len(data) // 2])
+    (tmp_path / MODEL_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(KForcingError, match="corrupt weights file"):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("text, msg", [
-    ('{"model": {"dim": 64,', "corrupt JSON"),
-    ("\xff\xfe not json", "corrupt JSON"),
-    ('{"something": 1}', "no 'model' section"),
-    ('{"model": {"dim": 64, "colour": "red"}}', "unknown field.*colour"),
-    ('{"model": {"dim": 65}}', "not divisible"),
-])
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ('{"model": {"dim": 64,', "corrupt JSON"),
+        ("\xff\xfe not json", "corrupt JSON"),
+        ('{"something": 1}', "no 'model' section"),
+        ('{"model": {"dim": 64, "colour": "red"}}', "unknown field.*colour"),
+        ('{"model": {"dim": 65}}', "not divisible"),
+    ],
+)
 def test_load_corrupt_config(make_model, tmp_path, text, msg):
     save_model(make_model(), tmp_path)
     (tmp_path / CONFIG_FILE).write_text(text, encoding="latin-1")
@@ -138,13 +139,39 @@ def test_publish_checkpoint_keeps_newest(make_model, tmp_path):
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest.json", "step-0000009", "step-0000012"]
     assert leftovers(tmp_path) == []
-    loaded = load_model(run)                          # a run dir resolves to its latest ckpt
+    loaded = load_model(run)  # a run dir resolves to its latest ckpt
     assert torch.equal(loaded.tok_embeddings.weight, model.tok_embeddings.weight)
     assert load_model_config(run) == model.config
     # republishing an existing step replaces it
     publish_checkpoint(run, 12, lambda d: (d / "marker").write_text("x"), keep=2)
     assert (run / "checkpoints" / "step-0000012" / "marker").is_file()
     assert not (run / "checkpoints" / "step-0000012" / MODEL_FILE).exists()
+
+
+def test_latest_json_pointing_nowhere(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.json").write_text('{"name": "step-0000009", "step": 9}')
+    with pytest.raises(KForcingError, match="step-0000009"):
+        load_model(tmp_path)
+    (tmp_path / "checkpoints" / "latest.json").write_text('{"name": ')
+    with pytest.raises(KForcingError, match="corrupt JSON"):
+        load_model(tmp_path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=KeyError,
+    reason=(
+        "checkpoint.resolve_model_dir indexes load_json(latest)['name'] unchecked: a latest.json "
+        "without a 'name' key raises a bare KeyError (a traceback from the CLI) instead of "
+        "KForcingError"
+    ),
+)
+def test_latest_json_without_name(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.json").write_text('{"step": 3}')
+    with pytest.raises(KForcingError):
+        resolve_model_dir(tmp_path)
 
 
 def test_publish_checkpoint_failure_leaves_previous(make_model, tmp_path):
@@ -158,8 +185,10 @@ def test_publish_checkpoint_failure_leaves_previous(make_model, tmp_path):
 
     with pytest.raises(RuntimeError, match="disk full"):
         publish_checkpoint(run, 2, broken)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
-        ["latest.json", "step-0000001"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "latest.json",
+        "step-0000001",
+    ]
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 1
     assert leftovers(tmp_path) == []
 
@@ -195,10 +224,23 @@ def test_lr_schedule_without_warmup():
 
 
 def train_cfg(corpus, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(corpus.dir), out_dir=str(out), model="tiny",
-                model_overrides={"dropout": 0.1}, block_size=16, batch_size=4, max_steps=12,
-                warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_every=4, eval_batches=2,
-                ckpt_every=4, keep_checkpoints=2, seed=0)
+    base = dict(
+        data=str(corpus.dir),
+        out_dir=str(out),
+        model="tiny",
+        model_overrides={"dropout": 0.1},
+        block_size=16,
+        batch_size=4,
+        max_steps=12,
+        warmup_steps=2,
+        lr=3e-3,
+        min_lr=3e-4,
+        eval_every=4,
+        eval_batches=2,
+        ckpt_every=4,
+        keep_checkpoints=2,
+        seed=0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -211,7 +253,7 @@ def losses_by_step(records: list[dict]) -> dict[int, float]:
     out: dict[int, float] = {}
     for r in records:
         if r["step"] in out:
-            assert r["loss"] == out[r["step"]]          # a repeated step repeats its record
+            assert r["loss"] == out[r["step"]]  # a repeated step repeats its record
         out[r["step"]] = r["loss"]
     return out
 
@@ -235,7 +277,7 @@ def test_uninterrupted_run_outputs(full_run, tiny_corpus):
     assert last["step"] == 12 and last == records[-1]
     assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    assert ckpts == ["step-0000008", "step-0000012"]           # keep_checkpoints=2
+    assert ckpts == ["step-0000008", "step-0000012"]  # keep_checkpoints=2
     assert leftovers(out) == []
     # the final checkpoint is a loadable model directory holding the trained weights
     model = load_model(out)
@@ -270,7 +312,7 @@ def test_resume_reproduces_uninterrupted_run(full_run, tiny_corpus, tmp_path):
     resumed = losses_by_step(read_metrics(out))
     assert sorted(resumed) == list(range(1, 13))
     for step in range(1, 13):
-        assert resumed[step] == full[step], step           # exact, not approximate
+        assert resumed[step] == full[step], step  # exact, not approximate
     assert last["loss"] == full_last["loss"]
     assert last["val_loss"] == full_last["val_loss"]
     state = second.model.state_dict()
@@ -289,7 +331,7 @@ def test_resume_without_dropout_rng_would_differ(full_run, tiny_corpus, tmp_path
     the exact match above does check that the RNG state is restored."""
     out = tmp_path / "other-seed"
     trainer = Trainer(train_cfg(tiny_corpus, out), progress=False)
-    torch.manual_seed(12345)          # dropout draws from the global RNG
+    torch.manual_seed(12345)  # dropout draws from the global RNG
     trainer.fit(stop_after=2)
     full = losses_by_step(read_metrics(full_run[0]))
     mine = losses_by_step(read_metrics(out))
@@ -302,8 +344,10 @@ def test_new_run_into_existing_run_dir_raises(full_run, tiny_corpus):
         Trainer(train_cfg(tiny_corpus, out), progress=False)
 
 
-@pytest.mark.parametrize("change", [{"batch_size": 2}, {"block_size": 8}, {"seed": 1},
-                                    {"grad_accum": 2}, {"model": "small"}])
+@pytest.mark.parametrize(
+    "change",
+    [{"batch_size": 2}, {"block_size": 8}, {"seed": 1}, {"grad_accum": 2}, {"model": "small"}],
+)
 def test_resume_with_changed_settings_raises(full_run, tiny_corpus, change):
     cfg = replace(train_cfg(tiny_corpus, full_run[0]), **change)
     key = next(iter(change))
@@ -311,8 +355,10 @@ def test_resume_with_changed_settings_raises(full_run, tiny_corpus, change):
         Trainer(cfg, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("overrides", [{"n_layer": 3}, {"n_layer": 1},
-                                       {"intermediate_size": 100}, {"tie_embeddings": False}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"n_layer": 3}, {"n_layer": 1}, {"intermediate_size": 100}, {"tie_embeddings": False}],
+)
 def test_resume_with_changed_model_shape_raises(full_run, tiny_corpus, overrides):
     cfg = train_cfg(tiny_corpus, full_run[0], model_overrides={"dropout": 0.1, **overrides})
     with pytest.raises(KForcingError, match="does not match its config"):

@@ -66,19 +66,10 @@ def check_prompts(prompts: list[list[int]], max_new_tokens: int, context: int,
 
 def prefill(model: Transformer, cache: KVCache, prompts: list[list[int]]) -> Prefill:
     """Left-pad the prompts into one batch and run them through the model into the cache."""
-    device = cache.k.device
-    P = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), P, dtype=torch.long)
-    valid = torch.zeros(len(prompts), P, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[b, P - len(p):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    pad = (~valid).sum(1)                                            # (B,)
-    pos = (torch.arange(P, device=device)[None] - pad[:, None]).clamp_(min=0)
+    ids, valid, pos = left_pad(prompts, cache.k.device)
     cache.mark_padding(valid)
     logits = model(ids, input_pos=pos, cache=cache, last_only=True)[:, -1]
-    return Prefill(logits=logits, next_pos=P - pad)
+    return Prefill(logits=logits, next_pos=pos[:, -1] + 1)
 
 
 @torch.inference_mode()
@@ -147,7 +138,81 @@ def _sync_fn(device: torch.device):
     return lambda: None
 
 
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, **kw
-             ) -> GenerationResult:
-    """Entry point for every decoder; today plain AR (K-Forcing plugs in here)."""
+def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, valid, pos), each (B, P): prompts right-aligned, per-row RoPE positions from 0."""
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    valid = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[b, P - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    pad = (~valid).sum(1)
+    pos = (torch.arange(P, device=device)[None] - pad[:, None]).clamp_(min=0)
+    return ids, valid, pos
+
+
+@torch.inference_mode()
+def generate_kforcing(student, prompts: list[list[int]], max_new_tokens: int, *, k: int | None = None,
+                      temperature: float = 1.0, seed: int | torch.Generator | None = 0,
+                      eos_id: int | None = None, stop_at_eos: bool = True,
+                      frequency_penalty: float = 0.0) -> GenerationResult:
+    """K-Forcing decoding (METHOD.md section 5): the first pass reads the prompt + k noise
+    tokens, every later pass the k tokens just emitted + k fresh noise tokens; noise K/V never
+    stay in the cache. Exactly k new tokens per pass."""
+    from kforcing.pushforward import check_k, check_tau
+
+    scfg, mcfg = student.config, student.model_config
+    k = scfg.max_k if k is None else k
+    check_k(k, scfg.max_k)
+    check_tau(temperature)
+    check_prompts(prompts, max_new_tokens, mcfg.max_seq_len - k, mcfg.vocab_size)
+    B = len(prompts)
+    ids, valid, pos = left_pad(prompts, next(student.parameters()).device)
+    device = ids.device
+    ctx = student.context_model
+    cache = KVCache.for_model(ctx, B, max_len=ids.shape[1] + max_new_tokens + 2 * k)
+    gen = make_generator(seed)
+    eos = mcfg.eos_id if eos_id is None else eos_id
+    tau = torch.full((B,), float(temperature), dtype=torch.float64, device=device)
+    counts = torch.zeros(B, mcfg.vocab_size, device=device) if frequency_penalty else None
+    sync = _sync_fn(device)
+
+    t0 = time.perf_counter()
+    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    real, real_pos, passes = ids, pos, 0
+    cache.mark_padding(valid)
+    while out.shape[1] < max_new_tokens:
+        u = uniforms((B, k), gen).to(device)
+        penalty = counts * frequency_penalty if counts is not None else None
+        toks = student.window_pass(cache, real, real_pos, u, tau, penalty).tokens[:, 0]  # (B,k)
+        passes += 1
+        out = torch.cat([out, toks], dim=1)
+        if counts is not None:
+            counts.scatter_add_(1, toks, torch.ones_like(toks, dtype=counts.dtype))
+        if stop_at_eos and eos is not None:
+            done |= (toks == eos).any(1)
+            if bool(done.all()):
+                break
+        real, real_pos = toks, real_pos[:, -1:] + torch.arange(1, k + 1, device=device)
+    sync()
+    t1 = time.perf_counter()
+    rows, finished = _cut_at_eos(out[:, :max_new_tokens].tolist(), eos if stop_at_eos else None)
+    return GenerationResult(rows, finished, passes, 0.0, t1 - t0, extra={"k": k})
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, k: int | None = None,
+             **kw) -> GenerationResult:
+    """Entry point for every decoder: a plain Transformer decodes AR; a K-Forcing student
+    decodes k tokens per pass (k defaults to its max_k)."""
+    from kforcing.pushforward import PushForward
+
+    if isinstance(model, PushForward):
+        sampling = kw.pop("sampling", None)
+        if sampling is not None:
+            kw.setdefault("temperature", sampling.temperature)
+        return generate_kforcing(model, prompts, max_new_tokens, k=k, **kw)
+    if k not in (None, 1):
+        raise KForcingError(f"k={k} needs a K-Forcing student; this is a plain AR model")
     return generate_ar(model, prompts, max_new_tokens, **kw)

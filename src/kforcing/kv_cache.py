@@ -44,10 +44,17 @@ class KVCache:
             raise KForcingError(
                 f"KV cache full: {self.length} cached + {T} new tokens > capacity {self.max_len}")
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, store: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, D) at the next T slots; return K, V over [0, length + T)."""
+        """Store k, v (B, H_kv, T, D) at the next T slots; return K, V over [0, length + T).
+
+        store=False leaves the cache untouched and concatenates instead: a pass whose tokens are
+        all dropped (K-Forcing noise tokens) can then backpropagate into k, v during training.
+        """
         L, T = self.length, k.shape[2]
+        if not store:
+            return (torch.cat([self.k[layer, :, :, :L], k], dim=2),
+                    torch.cat([self.v[layer, :, :, :L], v], dim=2))
         self.k[layer, :, :, L:L + T] = k
         self.v[layer, :, :, L:L + T] = v
         return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]

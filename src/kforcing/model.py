@@ -59,7 +59,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None, store: bool = True
+                ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
@@ -67,7 +68,7 @@ class Attention(nn.Module):
         q, k = qk[:, :H], qk[:, H:]                         # (B, H, T, D), (B, Hkv, T, D)
         v = qkv[:, H + Hkv:]
         if cache is not None:
-            k, v = cache.write(self.layer_idx, k, v)                       # (B, Hkv, S, D)
+            k, v = cache.write(self.layer_idx, k, v, store)                       # (B, Hkv, S, D)
         # dropout acts on the residual stream only: attention-probability dropout would force
         # SDPA's slow math path on CPU (2x slower training).
         # No mask and no cache means plain causal training; with a cache and T == 1 the new
@@ -99,8 +100,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+    def forward(self, x, cos, sin, mask, cache, store=True):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, store))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -156,7 +157,7 @@ class Transformer(nn.Module):
         input_pos (B, T) or (T,) RoPE positions; default: the next slots after the cache.
         mask bool (B or 1, 1 or H, T, S), True = attend, S = cached slots + T.
         With a cache, all T tokens' K/V are written but only the first `commit` (default T)
-        are kept.
+        are kept; commit=0 writes nothing at all (the pass only reads the cache).
         """
         x = self.tok_embeddings(idx) if embeds is None else embeds
         B, T, _ = x.shape
@@ -179,8 +180,9 @@ class Transformer(nn.Module):
         if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)
         x = self.drop(x)
+        store = commit != 0
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, store)
         if cache is not None:
             cache.commit(T if commit is None else commit)
         if last_only:

@@ -1,0 +1,236 @@
+"""The K-Forcing student: a teacher backbone plus a noise encoder, mapping (context, u_1..u_k, tau)
+to the next k tokens in one pass (METHOD.md sections 2, 5, 6.6, 6.7).
+
+Two weight layouts share every code path:
+- `shared` (the paper): one fine-tuned backbone reads context and noise tokens;
+- `teacher-preserving`: a frozen teacher reads the context (its KV cache is exactly the
+  teacher's), a trainable copy reads only the noise tokens.
+Two output heads:
+- `argmax`: y_i = argmax of the output at noise token i (k noise tokens);
+- `inverse-cdf`: y_i = InvCDF(q_i, u_i) with q_1 read at the last real token and q_i at noise
+  token i-1, which has seen u_1..u_{i-1} (k-1 noise tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from kforcing.errors import KForcingError
+from kforcing.kv_cache import KVCache
+from kforcing.masks import staircase
+from kforcing.model import RMSNorm, Transformer
+from kforcing.sampling import CDF_ORDERS, inverse_cdf
+
+LAYOUTS = ("shared", "teacher-preserving")
+HEADS = ("argmax", "inverse-cdf")
+
+
+@dataclass
+class StudentConfig:
+    max_k: int = 4
+    layout: str = "shared"
+    head: str = "argmax"
+    cdf_order: str = "vocab"
+    noise_min_freq: float = 1.0       # cycles per unit of u (geometric spacing)
+    noise_max_freq: float = 1e4
+    noise_blocks: int = 2             # residual MLP blocks after the projection
+
+    def __post_init__(self) -> None:
+        if self.max_k < 1:
+            raise KForcingError(f"max_k must be >= 1, got {self.max_k}")
+        if self.layout not in LAYOUTS:
+            raise KForcingError(f"layout must be one of {LAYOUTS}, got '{self.layout}'")
+        if self.head not in HEADS:
+            raise KForcingError(f"head must be one of {HEADS}, got '{self.head}'")
+        if self.cdf_order not in CDF_ORDERS:
+            raise KForcingError(f"cdf_order must be one of {CDF_ORDERS}, got '{self.cdf_order}'")
+
+    def n_noise(self, k: int) -> int:
+        """Noise tokens a k-token window needs."""
+        return k if self.head == "argmax" else k - 1
+
+
+def check_k(k: int, max_k: int) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise KForcingError(f"k must be a positive integer, got {k!r}")
+    if k > max_k:
+        raise KForcingError(f"k={k} exceeds this checkpoint's max_k={max_k}")
+
+
+def check_tau(tau: float | torch.Tensor) -> None:
+    bad = (tau <= 0).any() if torch.is_tensor(tau) else tau <= 0
+    if bad:
+        raise KForcingError("temperature tau must be > 0 for K-Forcing (the student maps noise "
+                            "to samples; greedy decoding has no noise to map)")
+
+
+def sinusoidal(x: torch.Tensor, width: int, min_freq: float, max_freq: float) -> torch.Tensor:
+    """x (...,) float64 -> (..., width) sin/cos features at geometric frequencies, in float64 so
+    that nearby uniforms (CDF intervals can be 1e-5 wide) stay distinguishable."""
+    half = width // 2
+    freqs = torch.logspace(math.log10(min_freq), math.log10(max_freq), half,
+                           dtype=torch.float64, device=x.device)
+    angles = 2 * math.pi * x.double()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class NoiseEncoder(nn.Module):
+    """(u, tau) -> the input vector of a noise token."""
+
+    def __init__(self, dim: int, cfg: StudentConfig, eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.cfg = dim, cfg
+        self.proj = nn.Linear(2 * dim, dim)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(RMSNorm(dim, eps), nn.Linear(dim, 2 * dim), nn.SiLU(),
+                          nn.Linear(2 * dim, dim)) for _ in range(cfg.noise_blocks))
+        self.out_norm = RMSNorm(dim, eps)
+
+    def forward(self, u: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """u (..., n) in [0, 1), tau broadcastable to u -> (..., n, dim)."""
+        c = self.cfg
+        feats = torch.cat([sinusoidal(u, self.dim, c.noise_min_freq, c.noise_max_freq),
+                           sinusoidal(tau.expand_as(u), self.dim, 0.1, 100.0)], dim=-1)
+        h = self.proj(feats.to(self.proj.weight.dtype))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out_norm(h)
+
+
+@dataclass
+class WindowOutput:
+    logits: torch.Tensor      # (B, M, k, V): q_1..q_k (inverse-cdf) or noise outputs (argmax)
+    tokens: torch.Tensor      # (B, M, k) the window's tokens under this head
+
+
+class PushForward(nn.Module):
+    def __init__(self, teacher: Transformer, cfg: StudentConfig):
+        super().__init__()
+        self.config = cfg
+        self.backbone = copy.deepcopy(teacher)
+        self.noise = NoiseEncoder(teacher.config.dim, cfg, teacher.config.norm_eps)
+        if cfg.layout == "teacher-preserving":
+            # kept out of state_dict / parameters: the frozen teacher is a reference, not a weight
+            object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        else:
+            object.__setattr__(self, "teacher", None)
+
+    @property
+    def model_config(self):
+        return self.backbone.config
+
+    @property
+    def context_model(self) -> Transformer:
+        """The weights that read real tokens (and own the KV cache)."""
+        return self.teacher if self.teacher is not None else self.backbone
+
+    def to(self, *args, **kwargs):
+        if self.teacher is not None:
+            self.teacher.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    # -- heads ----------------------------------------------------------------------------------
+    def _head(self, first: torch.Tensor | None, noise_out: torch.Tensor, u: torch.Tensor,
+              tau: torch.Tensor) -> WindowOutput:
+        """first (B, M, V) logits at the anchor (inverse-cdf), noise_out (B, M, n, V)."""
+        if self.config.head == "argmax":
+            return WindowOutput(noise_out, noise_out.argmax(-1))
+        logits = torch.cat([first.unsqueeze(2), noise_out], dim=2)           # (B, M, k, V)
+        probs = (logits.float() / tau.reshape(-1, 1, 1, 1).float()).softmax(-1)
+        return WindowOutput(logits, inverse_cdf(probs, u, self.config.cdf_order))
+
+    # -- decoding: one pass of real tokens (into the cache) + noise tokens (dropped) -------------
+    def window_pass(self, cache: KVCache, real: torch.Tensor, real_pos: torch.Tensor,
+                    u: torch.Tensor, tau: torch.Tensor, penalty: torch.Tensor | None = None
+                    ) -> WindowOutput:
+        """real (B, R) tokens at positions real_pos (B, R), committed to the cache; u (B, k)
+        uniforms; noise token i sits at position real_pos[:, -1] + i. Returns (B, 1, k) tokens.
+
+        penalty (B, V) is subtracted from every output's logits (frequency penalty)."""
+        B, R = real.shape
+        k = u.shape[-1]
+        n = self.config.n_noise(k)
+        noise = self.noise(u[:, :n], tau.reshape(B, 1))                     # (B, n, D)
+        noise_pos = real_pos[:, -1:] + torch.arange(1, n + 1, device=real.device)
+        if self.teacher is None:
+            emb = torch.cat([self.backbone.tok_embeddings(real), noise.to(cache.k.dtype)], 1)
+            h = self.backbone(embeds=emb, input_pos=torch.cat([real_pos, noise_pos], 1),
+                              cache=cache, commit=R, return_hidden=True)
+            h_last, h_noise = h[:, R - 1:R], h[:, R:]
+        else:
+            h_last = self.teacher(real, input_pos=real_pos, cache=cache, last_only=True,
+                                  return_hidden=True)
+            h_noise = (self.backbone(embeds=noise.to(cache.k.dtype), input_pos=noise_pos,
+                                     cache=cache, commit=0, return_hidden=True)
+                       if n else h_last[:, :0])
+        noise_logits = self.backbone.output(h_noise)
+        first = self.context_model.output(h_last) if self.config.head == "inverse-cdf" else None
+        if penalty is not None:
+            noise_logits = noise_logits - penalty[:, None]
+            first = None if first is None else first - penalty[:, None]
+        return self._head(None if first is None else first[:, 0][:, None], noise_logits[:, None],
+                          u[:, None], tau)
+
+    # -- training: one staircase pass -----------------------------------------------------------
+    def staircase_forward(self, x: torch.Tensor, u: torch.Tensor, tau: torch.Tensor,
+                          anchors: torch.Tensor | None = None,
+                          known: torch.Tensor | None = None) -> WindowOutput:
+        """Windows of k = u.shape[-1] tokens for chosen anchors of a context, in one pass.
+
+        x (B, N) context, u (B, M, k) uniforms, tau (B,), anchors (M,) context indices
+        (default all N), known (B, M, k') tokens fed before the noise (two-level staircase).
+        """
+        B, N = x.shape
+        anchors = torch.arange(N, device=x.device) if anchors is None else anchors.to(x.device)
+        M, k = anchors.numel(), u.shape[-1]
+        check_k(k, self.config.max_k)
+        check_tau(tau)
+        kn = 0 if known is None else known.shape[-1]
+        n = self.config.n_noise(k)
+        w = kn + n
+        st = staircase(N, w, anchors, device=x.device)
+        real_idx, noise_idx = _stream_indices(N, M, kn, n, x.device)
+        tokens = x if known is None else torch.cat([x, known.flatten(1, 2)], dim=1)
+        noise = self.noise(u[..., :n], tau.reshape(B, 1, 1)).flatten(1, 2)   # (B, M*n, D)
+        h = torch.empty(B, st.mask.shape[0], self.model_config.dim, device=x.device,
+                        dtype=noise.dtype)
+        if self.teacher is None:
+            emb = torch.empty_like(h)
+            emb[:, real_idx] = self.backbone.tok_embeddings(tokens)
+            emb[:, noise_idx] = noise
+            h = self.backbone(embeds=emb, input_pos=st.positions, mask=st.mask[None, None],
+                              return_hidden=True)
+        else:
+            # the frozen teacher reads the real tokens into a cache; the noise stream reads it
+            cache = KVCache.for_model(self.teacher, B, max_len=st.mask.shape[0])
+            with torch.no_grad():
+                h_real = self.teacher(tokens, input_pos=st.positions[real_idx],
+                                      mask=st.mask[real_idx][:, real_idx][None, None],
+                                      cache=cache, return_hidden=True)
+            order = torch.cat([real_idx, noise_idx])
+            h = h.index_copy(1, real_idx, h_real.to(h.dtype))
+            if n:
+                h_noise = self.backbone(embeds=noise, input_pos=st.positions[noise_idx],
+                                        mask=st.mask[noise_idx][:, order][None, None],
+                                        cache=cache, commit=0, return_hidden=True)
+                h = h.index_copy(1, noise_idx, h_noise)
+        noise_logits = self.backbone.output(h[:, noise_idx]).view(B, M, n, -1)
+        first = None
+        if self.config.head == "inverse-cdf":
+            # q_1: the distribution at the last real token before the noise of each window
+            last = anchors if kn == 0 else N + torch.arange(M, device=x.device) * w + kn - 1
+            first = self.context_model.output(h[:, last])                   # (B, M, V)
+        return self._head(first, noise_logits, u[..., :k], tau)
+
+
+def _stream_indices(N: int, M: int, kn: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence indices of real tokens (context + known) and of noise tokens in a staircase."""
+    idx = torch.arange(N + M * (kn + n), device=device)
+    slot = (idx - N) % (kn + n) if kn + n else torch.zeros_like(idx)
+    is_real = (idx < N) | (slot < kn)
+    return idx[is_real], idx[~is_real]
