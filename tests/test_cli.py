@@ -169,16 +169,6 @@ def test_corrupt_config_json(capsys, model_copy):
     assert "corrupt JSON" in err and "config.json" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason=(
-        "config.ModelConfig.__post_init__ compares fields with `> 0` without checking their type, "
-        'so a config.json with a wrong-typed value ("dim": "64") raises TypeError, which '
-        "cli.main does not catch (it only catches KForcingError/OSError/ValueError/RuntimeError): "
-        "the user gets a traceback instead of one 'kforcing: error:' line"
-    ),
-)
 def test_wrong_typed_config_value(capsys, model_copy):
     cfg = json.loads((model_copy / "config.json").read_text())
     cfg["model"]["dim"] = "64"
@@ -291,15 +281,6 @@ def test_train_bad_override_and_config(capsys, tiny_corpus, tmp_path):
     assert "warmup_steps must be smaller than max_steps" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason=(
-        "config.ModelConfig.preset passes overrides straight to dataclasses.replace, which raises "
-        "TypeError for an unknown field; cli.main does not catch TypeError, so "
-        "`kforcing train --override colour=red` prints a traceback instead of one error line"
-    ),
-)
 def test_train_unknown_override_key(capsys, tiny_corpus, tmp_path):
     err = run_error(
         capsys,

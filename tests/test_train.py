@@ -158,15 +158,6 @@ def test_latest_json_pointing_nowhere(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason=(
-        "checkpoint.resolve_model_dir indexes load_json(latest)['name'] unchecked: a latest.json "
-        "without a 'name' key raises a bare KeyError (a traceback from the CLI) instead of "
-        "KForcingError"
-    ),
-)
 def test_latest_json_without_name(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest.json").write_text('{"step": 3}')

@@ -99,7 +99,10 @@ def resolve_model_dir(path: str | Path) -> Path:
         return path
     latest = path / "checkpoints" / "latest.json"
     if latest.is_file():
-        return path / "checkpoints" / load_json(latest)["name"]
+        name = load_json(latest)
+        if not isinstance(name, dict) or not isinstance(name.get("name"), str):
+            raise KForcingError(f"corrupt {latest}: expected {{\"name\": \"step-...\"}}")
+        return path / "checkpoints" / name["name"]
     raise KForcingError(f"no checkpoint in {path}: expected {CONFIG_FILE} + {MODEL_FILE} "
                         "or checkpoints/latest.json")
 

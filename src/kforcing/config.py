@@ -16,6 +16,23 @@ def _check(cond: bool, msg: str) -> None:
         raise KForcingError(msg)
 
 
+def _check_types(cfg: Any) -> None:
+    """Reject wrongly typed values (e.g. "64" from a hand-edited config.json) by field name."""
+    simple = {"int": int, "float": (int, float), "bool": bool, "str": str}
+    for f in dataclasses.fields(cfg):
+        val = getattr(cfg, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if val is None and "None" in kinds:
+            continue
+        allowed = tuple(t for k in kinds if k in simple for t in
+                        (simple[k] if isinstance(simple[k], tuple) else (simple[k],)))
+        if not allowed:
+            continue
+        if not isinstance(val, allowed) or (isinstance(val, bool) and bool not in allowed):
+            raise KForcingError(f"{type(cfg).__name__}: {f.name} must be {' or '.join(kinds)}, "
+                                f"got {val!r}")
+
+
 @dataclass
 class ModelConfig:
     """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
@@ -34,6 +51,7 @@ class ModelConfig:
     eos_id: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "dim",
                      "intermediate_size", "max_seq_len"):
             _check(getattr(self, name) > 0, f"model config: {name} must be positive")
@@ -62,7 +80,7 @@ class ModelConfig:
         if name not in MODEL_PRESETS:
             raise KForcingError(
                 f"unknown model preset '{name}': choose one of {', '.join(MODEL_PRESETS)}")
-        return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+        return from_dict(cls, {**asdict(MODEL_PRESETS[name]), **overrides})
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -108,6 +126,7 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.block_size > 1, "train config: block_size must be > 1")
         _check(self.batch_size > 0 and self.grad_accum > 0,
                "train config: batch_size and grad_accum must be positive")

@@ -97,7 +97,7 @@ def evaluate_loss(model: Transformer, token_file: TokenFile, block_size: int, ba
             logits = model(x.to(device))
             loss = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
-            total += float(loss)
+            total += loss.item()
             count += y.numel()
     model.train(was_training)
     if count == 0:
@@ -171,8 +171,10 @@ class Trainer:
         self.step, self.elapsed = state["step"], state["elapsed"]
         # drop metrics logged after the checkpoint so the log reads like one uninterrupted run
         if self.metrics_path.exists():
-            keep = [line for line in self.metrics_path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= self.step]
+            records = [json.loads(line) for line in self.metrics_path.read_text().splitlines()
+                       if line]
+            keep = [json.dumps(r) for r in records
+                    if r.get("step", 0) <= self.step and not r.get("final")]
             self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
@@ -200,7 +202,7 @@ class Trainer:
                 logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             (loss / cfg.grad_accum).backward()
-            total += float(loss) / cfg.grad_accum
+            total += loss.item() / cfg.grad_accum
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.opt.step()
