@@ -72,26 +72,45 @@ def _parse_kv(s: str):
         return k, v
 
 
-def _load(args):
+def _load(args, allow_student: bool = False):
+    """(model, tokenizer) from a model/run directory; a K-Forcing student when allowed."""
     from kforcing.checkpoint import load_model, tokenizer_path
     from kforcing.data import load_tokenizer
-    model = load_model(args.model, device=args.device)
-    tok = load_tokenizer(tokenizer_path(args.model))
-    if tok.get_vocab_size() > model.config.vocab_size:
+    from kforcing.distill import is_student_dir, load_student
+    if allow_student and is_student_dir(args.model):
+        model = load_student(args.model, device=args.device)
+        vocab = model.model_config.vocab_size
+        tok = load_tokenizer(student_tokenizer(args.model))
+    else:
+        model = load_model(args.model, device=args.device)
+        vocab = model.config.vocab_size
+        tok = load_tokenizer(tokenizer_path(args.model))
+    if tok.get_vocab_size() > vocab:
         raise KForcingError(f"tokenizer has {tok.get_vocab_size()} tokens but the model only "
-                            f"{model.config.vocab_size}: mismatched tokenizer")
+                            f"{vocab}: mismatched tokenizer")
     return model, tok
+
+
+def student_tokenizer(path) -> Path:
+    from kforcing.distill import resolve_student_dir
+    tok = resolve_student_dir(path) / "tokenizer.json"
+    if not tok.is_file():
+        raise KForcingError(f"no tokenizer.json next to the student in {path}")
+    return tok
 
 
 def cmd_generate(args) -> None:
     from kforcing.generate import generate
     from kforcing.sampling import SamplingConfig
-    model, tok = _load(args)
+    model, tok = _load(args, allow_student=True)
     prompts = args.prompt or ["The"]
     ids = [tok.encode(p).ids for p in prompts]
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              cdf_order=args.cdf_order)
-    res = generate(model, ids, args.max_new_tokens, sampling=sampling, seed=args.seed)
+    if hasattr(model, "window_pass"):   # a K-Forcing student
+        kw = {"temperature": args.temperature, "frequency_penalty": args.frequency_penalty}
+    else:
+        kw = {"sampling": SamplingConfig(temperature=args.temperature, top_k=args.top_k,
+                                         top_p=args.top_p, cdf_order=args.cdf_order)}
+    res = generate(model, ids, args.max_new_tokens, k=args.k, seed=args.seed, **kw)
     for prompt, new in zip(prompts, res.tokens, strict=True):
         text = tok.decode(new, skip_special_tokens=True)
         if args.json:
@@ -101,6 +120,21 @@ def cmd_generate(args) -> None:
     print(json.dumps({"new_tokens": res.num_tokens, "forward_passes": res.forward_passes,
                       "seconds": round(res.seconds, 4),
                       "tokens_per_s": round(res.tokens_per_second, 1)}), file=sys.stderr)
+
+
+def cmd_distill(args) -> None:
+    from kforcing.config import from_dict, load_json
+    from kforcing.distill import DistillConfig, distill
+    from kforcing.pushforward import StudentConfig
+    base = load_json(args.config) if args.config else {}
+    over = {k: v for k, v in vars(args).items()
+            if k in {f for f in DistillConfig.__dataclass_fields__} and v is not None}
+    student = {**base.pop("student", {}), **{k: v for k, v in {
+        "max_k": args.max_k, "layout": args.layout, "head": args.head,
+        "cdf_order": args.cdf_order}.items() if v is not None}}
+    cfg = from_dict(DistillConfig, {**base, **over,
+                                    "student": from_dict(StudentConfig, student)})
+    print(json.dumps(distill(cfg, resume=args.resume, progress=not args.quiet)))
 
 
 def cmd_eval(args) -> None:
@@ -152,6 +186,7 @@ COMMANDS: dict[str, Callable] = {
     "data prepare": cmd_data_prepare,
     "tokenizer train": cmd_tokenizer_train,
     "train": cmd_train,
+    "distill": cmd_distill,
     "generate": cmd_generate,
     "eval": cmd_eval,
     "hf export": cmd_hf_export,
@@ -210,10 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sp = sub.add_parser("generate", help="sample text from a model")
+    sp = sub.add_parser("distill", help="one K-Forcing distillation stage (AR -> k=1 -> 2 -> 4)")
+    sp.add_argument("--teacher", help="teacher model or run directory")
+    sp.add_argument("--data", help="prepared corpus directory")
+    sp.add_argument("--out", dest="out_dir", help="stage output directory")
+    sp.add_argument("--k", type=int, help="window of this stage")
+    sp.add_argument("--init", help="previous stage's student (self-forcing stages)")
+    sp.add_argument("--config", help="JSON file with DistillConfig fields")
+    sp.add_argument("--max-k", type=int, dest="max_k")
+    sp.add_argument("--layout", choices=["shared", "teacher-preserving"])
+    sp.add_argument("--head", choices=["argmax", "inverse-cdf"])
+    sp.add_argument("--cdf-order", dest="cdf_order", choices=["vocab", "sorted"])
+    sp.add_argument("--target", choices=["self-forcing", "ar-rollout", "noise-inversion"])
+    for name, typ in [("tau_min", float), ("tau_max", float), ("block_size", int),
+                      ("windows", int), ("batch_size", int), ("lr", float), ("noise_lr", float),
+                      ("max_steps", int), ("time_budget_min", float), ("eval_every_min", float),
+                      ("eval_contexts", int), ("ckpt_every", int), ("seed", int)]:
+        sp.add_argument("--" + name.replace("_", "-"), dest=name, type=typ)
+    sp.add_argument("--device")
+    sp.add_argument("--resume", action="store_true")
+    sp.add_argument("--quiet", action="store_true")
+
+    sp = sub.add_parser("generate", help="sample text from a model or a K-Forcing student")
     sp.add_argument("--model", required=True, help="model or run directory")
     sp.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     sp.add_argument("--max-new-tokens", type=int, default=100)
+    sp.add_argument("--k", type=int, default=None,
+                    help="tokens per pass for a K-Forcing student (default: its max_k)")
+    sp.add_argument("--frequency-penalty", type=float, default=0.0)
     sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     sp.add_argument("--top-k", type=int, default=0)
     sp.add_argument("--top-p", type=float, default=1.0)

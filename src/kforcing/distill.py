@@ -107,15 +107,31 @@ def _student_state(student: PushForward) -> dict[str, torch.Tensor]:
     return state
 
 
+def resolve_student_dir(path: str | Path) -> Path:
+    d = Path(path)
+    if not d.exists():
+        raise KForcingError(f"checkpoint not found: {path}")
+    if (d / STUDENT_JSON).is_file():
+        return d
+    latest = d / "checkpoints" / "latest.json"
+    if latest.is_file():
+        d = resolve_model_dir(d) if not (d / STUDENT_JSON).is_file() else d
+        if (d / STUDENT_JSON).is_file():
+            return d
+    raise KForcingError(f"no K-Forcing student in {path}: expected {STUDENT_JSON}")
+
+
+def is_student_dir(path: str | Path) -> bool:
+    try:
+        resolve_student_dir(path)
+        return True
+    except KForcingError:
+        return False
+
+
 def load_student(path: str | Path, device: str = "cpu") -> PushForward:
     """Rebuild a student from its directory (and its teacher, found through the saved path)."""
-    d = Path(path)
-    if not (d / STUDENT_JSON).is_file():
-        latest = d / "checkpoints" / "latest.json"
-        if latest.is_file():
-            d = d / "checkpoints" / load_json(latest)["name"]
-        else:
-            raise KForcingError(f"no K-Forcing student in {path}: expected {STUDENT_JSON}")
+    d = resolve_student_dir(path)
     meta = load_json(d / STUDENT_JSON)
     teacher = load_model(meta["teacher"], device=device)
     student = PushForward(teacher, from_dict(StudentConfig, meta["student"]))
@@ -223,12 +239,7 @@ class Distiller:
     def _prev_k(self) -> int:
         if self.cfg.init is None:
             return 0
-        d = Path(self.cfg.init)
-        meta_file = d / STUDENT_JSON
-        if not meta_file.is_file():
-            d = d / "checkpoints" / load_json(d / "checkpoints" / "latest.json")["name"]
-            meta_file = d / STUDENT_JSON
-        return load_json(meta_file).get("k", 0)
+        return load_json(resolve_student_dir(self.cfg.init) / STUDENT_JSON).get("k", 0)
 
     # targets for one batch
     def _batch(self, x: torch.Tensor, gen: torch.Generator, M: int):
@@ -369,14 +380,14 @@ class Distiller:
             self.elapsed += now - t_last
             t_last = now
             rec = {"step": self.step, "minutes": round(self.elapsed / 60, 3),
-                   "loss": float(loss), "match": [round(float(m), 4) for m in match]}
+                   "loss": loss.item(), "match": [round(float(m), 4) for m in match]}
             if self.elapsed / 60 - last_eval >= cfg.eval_every_min:
                 rec["val"] = self.validate()
                 last_eval = self.elapsed / 60
                 t_last = time.perf_counter()
             self.log(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", m1=f"{float(match[0]):.2f}")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", m1=f"{float(match[0]):.2f}")
             if self.step % cfg.ckpt_every == 0:
                 self.save()
                 t_last = time.perf_counter()

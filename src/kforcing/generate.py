@@ -153,10 +153,11 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.inference_mode()
-def generate_kforcing(student, prompts: list[list[int]], max_new_tokens: int, *, k: int | None = None,
-                      temperature: float = 1.0, seed: int | torch.Generator | None = 0,
-                      eos_id: int | None = None, stop_at_eos: bool = True,
-                      frequency_penalty: float = 0.0) -> GenerationResult:
+def generate_kforcing(student, prompts: list[list[int]], max_new_tokens: int, *,
+                      k: int | None = None, temperature: float = 1.0,
+                      seed: int | torch.Generator | None = 0, eos_id: int | None = None,
+                      stop_at_eos: bool = True, frequency_penalty: float = 0.0
+                      ) -> GenerationResult:
     """K-Forcing decoding (METHOD.md section 5): the first pass reads the prompt + k noise
     tokens, every later pass the k tokens just emitted + k fresh noise tokens; noise K/V never
     stay in the cache. Exactly k new tokens per pass."""

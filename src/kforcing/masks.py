@@ -42,7 +42,8 @@ def staircase(n_context: int, window: int, anchors: torch.Tensor | None = None,
     anchor = torch.where(is_ctx, idx, anchors[win.clamp(min=0)])    # context index seen up to
     q_ctx, k_ctx = is_ctx[:, None], is_ctx[None, :]
     ctx_causal = k_ctx & (idx[None, :] <= anchor[:, None])          # context keys <= anchor
-    same_win = (~q_ctx) & (~k_ctx) & (win[:, None] == win[None, :]) & (slot[None, :] <= slot[:, None])
+    same_win = (~q_ctx) & (~k_ctx) & (win[:, None] == win[None, :])
+    same_win &= slot[None, :] <= slot[:, None]                       # causal inside a window
     mask = ctx_causal | same_win
     positions = torch.where(is_ctx, idx, anchor + 1 + slot)
     return Staircase(mask=mask, positions=positions, n_context=N, window=w)
