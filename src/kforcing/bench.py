@@ -91,6 +91,40 @@ def run_ar_vs_hf(model: Transformer, *, batch_sizes=(1, 16), new_tokens: int = 2
     return result
 
 
+def time_kforcing(student, prompts: torch.Tensor, new_tokens: int, k: int, repeats: int
+                  ) -> list[float]:
+    from kforcing.generate import generate_kforcing
+    rows = prompts.tolist()
+    generate_kforcing(student, rows, min(2 * k, new_tokens), k=k, stop_at_eos=False)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        res = generate_kforcing(student, rows, new_tokens, k=k, stop_at_eos=False, seed=0)
+        rates.append(res.num_tokens / (time.perf_counter() - t))
+    return rates
+
+
+def run_kforcing_vs_ar(student, *, ks=(4,), batch_sizes=(1, 16), new_tokens: int = 256,
+                       repeats: int = 3, prompt_len: int = 16) -> dict:
+    """Throughput of K-Forcing decoding (each k) against AR decoding of the same backbone."""
+    model = student.context_model.eval()
+    rows: list[BenchRow] = []
+    for B in batch_sizes:
+        prompts = _prompts(B, prompt_len, model.config.vocab_size)
+        r = time_ours(model, prompts, new_tokens, repeats)
+        rows.append(BenchRow("kforcing-ar", B, new_tokens, statistics.median(r), r))
+        for k in ks:
+            r = time_kforcing(student, prompts, new_tokens, k, repeats)
+            rows.append(BenchRow(f"kforcing-k{k}", B, new_tokens, statistics.median(r), r))
+    med = {(r.engine, r.batch_size): r.tokens_per_s for r in rows}
+    return {"bench": "kforcing_vs_ar", "rows": [asdict(r) for r in rows],
+            "params": model.num_params(), "threads": torch.get_num_threads(),
+            "layout": student.config.layout, "head": student.config.head,
+            "torch": torch.__version__,
+            "speedup_vs_ar": {f"k{k}_b{B}": med[(f"kforcing-k{k}", B)] / med[("kforcing-ar", B)]
+                              for k in ks for B in batch_sizes}}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -120,7 +154,21 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(args) -> None:
-    """`kforcing bench`: prints one JSON line, writes <out>/ar_vs_hf.{json,png}."""
+    """`kforcing bench`: prints one JSON line, writes <out>/<bench>.{json,png}."""
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        raise KForcingError("--batch-sizes and --k expect comma-separated integers") from None
+    out = Path(args.out)
+    if args.student:
+        from kforcing.distill import load_student
+        student = load_student(args.student)
+        result = run_kforcing_vs_ar(student, ks=ks, batch_sizes=batch_sizes,
+                                    new_tokens=args.new_tokens, repeats=args.repeats)
+        result["student"] = args.student
+        _write(result, out / "kforcing_vs_ar")
+        return
     if args.model:
         from kforcing.checkpoint import load_model
         model = load_model(args.model)
@@ -128,16 +176,14 @@ def main(args) -> None:
         from kforcing.config import ModelConfig
         torch.manual_seed(0)
         model = Transformer(ModelConfig.preset("small"))
-    try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    except ValueError:
-        raise KForcingError(f"--batch-sizes expects comma-separated integers, got "
-                            f"'{args.batch_sizes}'") from None
     result = run_ar_vs_hf(model, batch_sizes=batch_sizes, new_tokens=args.new_tokens,
                           repeats=args.repeats, with_hf=not args.no_hf)
     result["model"] = args.model or "random small"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ar_vs_hf.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / "ar_vs_hf.png")
+    _write(result, out / "ar_vs_hf")
+
+
+def _write(result: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, stem.with_suffix(".png"))
     print(json.dumps(result))

@@ -174,6 +174,12 @@ def cmd_demo(args) -> None:
              new_tokens=args.new_tokens)
 
 
+def cmd_curves(args) -> None:
+    from kforcing.curves import plot_curves, summarize
+    plot_curves(args.runs, args.out, tau=args.tau, metric=args.metric, title=args.title)
+    print(json.dumps(summarize(args.runs)))
+
+
 def cmd_bench(args) -> None:
     from kforcing.bench import main as bench_main
     bench_main(args)
@@ -193,6 +199,7 @@ COMMANDS: dict[str, Callable] = {
     "hf import": cmd_hf_import,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "curves": cmd_curves,
 }
 
 
@@ -299,13 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--src", required=True, help="directory with config.json + safetensors")
     sp.add_argument("--out", required=True)
 
-    sp = sub.add_parser("bench", help="decode speed: ours vs Hugging Face generate")
+    sp = sub.add_parser("bench", help="decode speed: ours vs HF generate, or K-Forcing vs AR")
     sp.add_argument("--model", help="model directory (default: a random `small` model)")
+    sp.add_argument("--student", help="K-Forcing student: benchmark it against AR decoding")
+    sp.add_argument("--k", default="4", help="comma-separated k values (with --student)")
     sp.add_argument("--batch-sizes", default="1,16")
     sp.add_argument("--new-tokens", type=int, default=256)
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     sp.add_argument("--out", default="docs/bench", help="where JSON and plots go")
+    sp = sub.add_parser("curves", help="plot distillation learning curves (match vs minutes)")
+    sp.add_argument("runs", nargs="+", help="distillation run directories")
+    sp.add_argument("--out", required=True, help="PNG path")
+    sp.add_argument("--tau", default="tau1", help="validation set, e.g. tau1 or tau0.7")
+    sp.add_argument("--metric", default="first", choices=["first", "joint"])
+    sp.add_argument("--title", default="")
+
     sp = sub.add_parser("demo", help="the whole chain on the built-in default (Brown, small)")
     sp.add_argument("--minutes", type=float, default=4.0,
                     help="teacher training budget when no trained teacher is found")

@@ -211,11 +211,14 @@ class Distiller:
         else:
             self.prev = None
             self.student = PushForward(self.teacher, cfg.student).to(cfg.device)
+            if self._exact_k1() and cfg.k == 2 and cfg.target == "self-forcing":
+                # teacher-preserving + inverse-cdf at k=1 *is* the teacher's sampler: the
+                # untrained student is an exact stage-1 model
+                self.prev = PushForward(self.teacher, cfg.student).to(cfg.device).eval()
         if self.prev is None and cfg.k > 1 and cfg.target == "self-forcing":
             raise KForcingError(f"self-forcing stage k={cfg.k} needs --init (the stage-"
                                 f"{cfg.k // 2} student)")
-        if self.prev is not None and cfg.target == "self-forcing" and \
-                2 * self._prev_k() != cfg.k:
+        if cfg.init and cfg.target == "self-forcing" and 2 * self._prev_k() != cfg.k:
             raise KForcingError(f"self-forcing doubles k: init was trained at k="
                                 f"{self._prev_k()}, this stage has k={cfg.k}")
         self.student.train()
@@ -235,6 +238,10 @@ class Distiller:
             self._resume()
         elif (self.out / "checkpoints" / "latest.json").exists():
             raise KForcingError(f"{self.out} already holds a run: pass --resume or another --out")
+
+    def _exact_k1(self) -> bool:
+        s = self.cfg.student
+        return s.layout == "teacher-preserving" and s.head == "inverse-cdf"
 
     def _prev_k(self) -> int:
         if self.cfg.init is None:
