@@ -171,7 +171,8 @@ def cmd_hf_import(args) -> None:
 def cmd_demo(args) -> None:
     from kforcing.demo import run_demo
     run_demo(minutes=args.minutes, teacher=args.teacher, out=args.out, cache=args.cache,
-             new_tokens=args.new_tokens)
+             new_tokens=args.new_tokens, distill_minutes=args.distill_minutes,
+             student=args.student)
 
 
 def cmd_curves(args) -> None:
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--minutes", type=float, default=4.0,
                     help="teacher training budget when no trained teacher is found")
     sp.add_argument("--teacher", help="use this trained teacher instead")
+    sp.add_argument("--student", help="use this K-Forcing student instead of distilling")
+    sp.add_argument("--distill-minutes", type=float, default=1.0,
+                    help="budget per distillation stage when no student is found")
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--new-tokens", type=int, default=64)
     cache(sp)

@@ -1,7 +1,8 @@
 """`kforcing demo`: the whole chain on the built-in default, in minutes on a CPU.
 
 Brown corpus (npm) -> byte-level BPE -> `small` teacher (reused when already trained, otherwise
-trained for a short time budget, resumable) -> validation perplexity -> AR samples with tokens/s.
+trained for a short time budget, resumable) -> distillation k=1 -> 2 -> 4 on a short budget per
+stage (reused when finished) -> AR and K-Forcing samples side by side with their tokens/s.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import json
 import math
 from pathlib import Path
 
-from kforcing.checkpoint import load_model, resolve_model_dir
+from kforcing.checkpoint import atomic_write_json, load_model, resolve_model_dir
 from kforcing.config import TrainConfig
 from kforcing.data import TokenFile, cache_dir, load_tokenizer, prepare_corpus
+from kforcing.distill import DistillConfig, Distiller, load_student
 from kforcing.errors import KForcingError
-from kforcing.generate import generate_ar
+from kforcing.generate import generate_ar, generate_kforcing
+from kforcing.pushforward import StudentConfig
 from kforcing.sampling import SamplingConfig
 from kforcing.train import Trainer, evaluate_loss
 
@@ -31,16 +34,17 @@ def _find_teacher(candidates: list[Path]) -> Path | None:
 
 
 def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "runs/demo",
-             cache: str | None = None, new_tokens: int = 64) -> dict:
+             cache: str | None = None, new_tokens: int = 64, distill_minutes: float = 1.0,
+             student: str | None = None) -> dict:
     cache_path = cache_dir(cache)
-    print("[1/4] corpus: Brown via npm, byte-level BPE 8192")
+    print("[1/5] corpus: Brown via npm, byte-level BPE 8192")
     prep = prepare_corpus("brown", vocab_size=8192, cache=cache_path)
     print(f"      {json.dumps(prep.stats.get('tokens', {}))} tokens per split in {prep.dir}")
 
     found = resolve_model_dir(teacher) if teacher else _find_teacher([Path("runs/teacher-small")])
     if found is None:
         run_dir = Path(out) / "teacher"
-        print(f"[2/4] teacher: training `small` for {minutes:g} CPU minutes into {run_dir} "
+        print(f"[2/5] teacher: training `small` for {minutes:g} CPU minutes into {run_dir} "
               "(rerun to continue it; the full recipe is in docs/RESULTS.md)")
         cfg = TrainConfig(data=str(prep.dir), out_dir=str(run_dir), model="small",
                           max_steps=100_000, warmup_steps=50, time_budget_min=minutes,
@@ -52,7 +56,7 @@ def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "ru
         Trainer(cfg, resume=resume).fit()
         found = resolve_model_dir(run_dir)
     else:
-        print(f"[2/4] teacher: reusing {found}")
+        print(f"[2/5] teacher: reusing {found}")
     model = load_model(found)
     tok = load_tokenizer(prep.tokenizer_path)
     if tok.get_vocab_size() != model.config.vocab_size:
@@ -60,17 +64,52 @@ def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "ru
                             f"the Brown tokenizer {tok.get_vocab_size()}: mismatched tokenizer")
 
     val = evaluate_loss(model, TokenFile(prep.validation), 256, 16, max_batches=10)
-    print(f"[3/4] validation perplexity (first 10 batches of 16 x 256): {math.exp(val):.1f}")
+    print(f"[3/5] teacher validation perplexity (first 10 batches of 16 x 256): "
+          f"{math.exp(val):.1f}")
 
-    print(f"[4/4] AR samples, temperature 1.0, {new_tokens} new tokens each")
+    student_dir = Path(student) if student else _distill_chain(found, prep.dir, Path(out),
+                                                               distill_minutes)
+    kf = load_student(student_dir)
+
+    print(f"[5/5] samples, temperature 1.0, {new_tokens} new tokens each: AR teacher vs "
+          f"K-Forcing k={kf.config.max_k} ({student_dir})")
     ids = [tok.encode(p).ids for p in PROMPTS]
-    res = generate_ar(model, ids, new_tokens, sampling=SamplingConfig(temperature=1.0), seed=0)
-    for p, new in zip(PROMPTS, res.tokens, strict=True):
-        print(f"  > {p}{tok.decode(new, skip_special_tokens=True)}\n")
-    single = generate_ar(model, ids[:1], new_tokens, sampling=SamplingConfig(temperature=0.0),
-                         stop_at_eos=False)
-    summary = {"teacher": str(found), "val_ppl": math.exp(val),
-               "ar_tokens_per_s_batch3": round(res.tokens_per_second, 1),
-               "ar_tokens_per_s_batch1": round(single.tokens_per_second, 1)}
+    ar = generate_ar(model, ids, new_tokens, sampling=SamplingConfig(temperature=1.0), seed=0,
+                     stop_at_eos=False)
+    kfr = generate_kforcing(kf, ids, new_tokens, temperature=1.0, seed=0, stop_at_eos=False)
+    for p, a, b in zip(PROMPTS, ar.tokens, kfr.tokens, strict=True):
+        print(f"  AR        > {p}{tok.decode(a, skip_special_tokens=True)}")
+        print(f"  K-Forcing > {p}{tok.decode(b, skip_special_tokens=True)}\n")
+    ar1 = generate_ar(model, ids[:1], new_tokens, sampling=SamplingConfig(temperature=1.0),
+                      stop_at_eos=False)
+    kf1 = generate_kforcing(kf, ids[:1], new_tokens, temperature=1.0, stop_at_eos=False)
+    summary = {"teacher": str(found), "student": str(student_dir), "val_ppl": math.exp(val),
+               "batch3": {"ar_tokens_per_s": round(ar.tokens_per_second, 1),
+                          "kforcing_tokens_per_s": round(kfr.tokens_per_second, 1),
+                          "ar_passes": ar.forward_passes, "kforcing_passes": kfr.forward_passes},
+               "batch1": {"ar_tokens_per_s": round(ar1.tokens_per_second, 1),
+                          "kforcing_tokens_per_s": round(kf1.tokens_per_second, 1)}}
     print(json.dumps(summary))
     return summary
+
+
+def _distill_chain(teacher: Path, data: Path, out: Path, minutes: float) -> Path:
+    """k=1 -> 2 -> 4 with a short budget per stage; finished stages are reused."""
+    prev = None
+    for i, k in enumerate((1, 2, 4)):
+        run = out / f"student-k{k}"
+        latest = run / "checkpoints" / "latest.json"
+        if latest.exists() and json.loads(latest.read_text()).get("done"):
+            print(f"[4/5] distillation k={k}: reusing {run}")
+        else:
+            print(f"[4/5] distillation k={k} ({i + 1}/3): {minutes:g} CPU minutes into {run}")
+            cfg = DistillConfig(teacher=str(teacher), data=str(data), out_dir=str(run), k=k,
+                                init=None if prev is None else str(prev),
+                                student=StudentConfig(max_k=4), time_budget_min=minutes,
+                                eval_every_min=max(minutes / 2, 0.25), eval_contexts=32,
+                                ckpt_every=50)
+            Distiller(cfg, resume=latest.exists()).fit()
+            state = json.loads(latest.read_text())
+            atomic_write_json(latest, {**state, "done": True})
+        prev = run
+    return prev
