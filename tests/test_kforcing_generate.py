@@ -188,8 +188,12 @@ def test_generate_plain_model_rejects_k(make_model):
 
 
 def test_bad_arguments_raise(student):
-    for kw, msg in (({"k": 5}, "max_k=4"), ({"k": 0}, "positive"),
-                    ({"temperature": 0.0}, "tau"), ({"temperature": -1.0}, "tau")):
+    for kw, msg in (
+        ({"k": 5}, "max_k=4"),
+        ({"k": 0}, "positive"),
+        ({"temperature": 0.0}, "tau"),
+        ({"temperature": -1.0}, "tau"),
+    ):
         with pytest.raises(KForcingError, match=msg) as e:
             generate_kforcing(student, PROMPTS, 4, **kw)
         assert "\n" not in str(e.value)

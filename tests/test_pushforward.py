@@ -20,8 +20,9 @@ B, N = 2, 7
 TAU = torch.tensor([1.0, 0.7], dtype=torch.float64)
 
 
-def make_student(make_model, layout="shared", head="argmax", max_k=4, seed=0, perturb=True,
-                 cdf_order="vocab") -> PushForward:
+def make_student(
+    make_model, layout="shared", head="argmax", max_k=4, seed=0, perturb=True, cdf_order="vocab"
+) -> PushForward:
     """A tiny student; with perturb, its backbone's weights are moved away from the teacher's."""
     teacher = make_model(seed=seed)
     with torch.random.fork_rng(devices=[]):
@@ -95,8 +96,9 @@ def test_staircase_hand_checked_anchor_subset():
     assert bool(st.mask.any(1).all())
 
 
-@pytest.mark.parametrize("n, w, anchors", [(1, 1, None), (5, 3, None), (6, 4, [1, 3, 5]),
-                                           (4, 1, [3])])
+@pytest.mark.parametrize(
+    "n, w, anchors", [(1, 1, None), (5, 3, None), (6, 4, [1, 3, 5]), (4, 1, [3])]
+)
 def test_staircase_every_row_attends_somewhere(n, w, anchors):
     a = None if anchors is None else torch.tensor(anchors)
     st = staircase(n, w, a)
@@ -107,8 +109,6 @@ def test_staircase_every_row_attends_somewhere(n, w, anchors):
     assert bool(st.mask.diagonal().all())
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="masks.staircase divides by the window size: window=0 "
-                   "(inverse-cdf head, k=1) raises ZeroDivisionError")
 def test_staircase_window_zero_is_the_causal_mask():
     st = staircase(3, 0)
     assert torch.equal(st.mask, torch.ones(3, 3, dtype=torch.bool).tril())
@@ -151,8 +151,6 @@ def test_staircase_forward_equals_window_pass_k1_argmax(make_model, layout):
     _check_staircase_matches_window_pass(student, rand_x(seed=3), 1, torch.tensor([1, 4]))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="staircase_forward with the inverse-cdf head and k=1 "
-                   "builds a staircase of window 0, which raises ZeroDivisionError in masks.py")
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_staircase_forward_inverse_cdf_k1(make_model, layout):
     student = make_student(make_model, layout, "inverse-cdf")
@@ -187,8 +185,9 @@ def test_two_level_staircase_equals_two_cached_passes(make_model, layout):
             cache = fresh_cache(student)
             first = student.window_pass(cache, x[:, : t + 1], positions(0, t + 1), u1[:, m], TAU)
             assert torch.equal(first.tokens[:, 0], y1[:, m])
-            second = student.window_pass(cache, first.tokens[:, 0], positions(t + 1, kp),
-                                         u2[:, m], TAU)
+            second = student.window_pass(
+                cache, first.tokens[:, 0], positions(t + 1, kp), u2[:, m], TAU
+            )
             assert cache.length == t + 1 + kp
             diff = (second.logits[:, 0] - out.logits[:, m]).abs().max().item()
             assert diff < 1e-5, (t, diff)
@@ -283,13 +282,15 @@ def test_state_dict_has_no_teacher_keys(make_model, layout):
 def test_perfect_map_k1_reproduces_ar_sampling(make_model, cdf_order, tau):
     """teacher-preserving + inverse-cdf + k=1: each pass draws InvCDF(p_teacher, u) from one
     uniform per row, exactly as the AR sampler does; same seed, same tokens."""
-    student = make_student(make_model, "teacher-preserving", "inverse-cdf", max_k=2,
-                           cdf_order=cdf_order)
+    student = make_student(
+        make_model, "teacher-preserving", "inverse-cdf", max_k=2, cdf_order=cdf_order
+    )
     teacher = make_model(seed=0)
     prompts = [[5, 17, 200], [1, 2, 3, 4, 5, 6, 7]]
     kf = generate_kforcing(student, prompts, 12, k=1, temperature=tau, seed=11)
-    ar = generate_ar(teacher, prompts, 12, sampling=SamplingConfig(temperature=tau,
-                                                                   cdf_order=cdf_order), seed=11)
+    ar = generate_ar(
+        teacher, prompts, 12, sampling=SamplingConfig(temperature=tau, cdf_order=cdf_order), seed=11
+    )
     assert kf.tokens == ar.tokens
     assert kf.forward_passes == ar.forward_passes == 12
 
@@ -309,8 +310,9 @@ def test_check_k_accepts():
         check_k(k, 4)
 
 
-@pytest.mark.parametrize("tau", [0.0, -1.0, torch.tensor([1.0, 0.0]),
-                                 torch.tensor([-0.5], dtype=torch.float64)])
+@pytest.mark.parametrize(
+    "tau", [0.0, -1.0, torch.tensor([1.0, 0.0]), torch.tensor([-0.5], dtype=torch.float64)]
+)
 def test_check_tau_rejects(tau):
     with pytest.raises(KForcingError) as e:
         check_tau(tau)
@@ -331,8 +333,15 @@ def test_staircase_forward_checks_k_and_tau(make_model):
         student.staircase_forward(x, rand_u(B, N, 2), torch.tensor([1.0, 0.0]))
 
 
-@pytest.mark.parametrize("kw, msg", [({"layout": "bad"}, "layout"), ({"head": "bad"}, "head"),
-                                     ({"cdf_order": "bad"}, "cdf_order"), ({"max_k": 0}, "max_k")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"layout": "bad"}, "layout"),
+        ({"head": "bad"}, "head"),
+        ({"cdf_order": "bad"}, "cdf_order"),
+        ({"max_k": 0}, "max_k"),
+    ],
+)
 def test_student_config_rejects(kw, msg):
     with pytest.raises(KForcingError, match=msg) as e:
         StudentConfig(**kw)

@@ -176,7 +176,7 @@ def invert_noise(teacher, x: torch.Tensor, tau: torch.Tensor, anchors: torch.Ten
     B, N = x.shape
     probs = (teacher(x).float() / tau.view(B, 1, 1).float()).softmax(-1)     # (B, N, V)
     if order == "sorted":
-        probs, perm = torch.sort(probs, -1, descending=True, stable=True)
+        probs, perm = torch.sort(probs, dim=-1, descending=True, stable=True)
         rank = torch.argsort(perm, -1)
     idx = anchors[:, None] + torch.arange(k, device=x.device)               # (M, k)
     y = x[:, (idx + 1).clamp(max=N - 1)]                                     # (B, M, k)
@@ -349,7 +349,8 @@ class Distiller:
         self.step, self.elapsed = state["step"], state["elapsed"]
         if self.metrics.exists():
             keep = [ln for ln in self.metrics.read_text().splitlines()
-                    if ln and json.loads(ln).get("step", 0) <= self.step]
+                    if ln and json.loads(ln).get("step", 0) <= self.step
+                    and not json.loads(ln).get("final")]
             self.metrics.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, rec: dict) -> None:

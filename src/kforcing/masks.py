@@ -37,8 +37,9 @@ def staircase(n_context: int, window: int, anchors: torch.Tensor | None = None,
     S = N + M * w
     idx = torch.arange(S, device=device)
     is_ctx = idx < N
-    win = torch.where(is_ctx, -1, (idx - N) // w)                   # window id or -1
-    slot = torch.where(is_ctx, 0, (idx - N) % w)                    # slot inside the window
+    w_ = max(w, 1)                                                  # w = 0: context only
+    win = torch.where(is_ctx, -1, (idx - N) // w_)                  # window id or -1
+    slot = torch.where(is_ctx, 0, (idx - N) % w_)                   # slot inside the window
     anchor = torch.where(is_ctx, idx, anchors[win.clamp(min=0)])    # context index seen up to
     q_ctx, k_ctx = is_ctx[:, None], is_ctx[None, :]
     ctx_causal = k_ctx & (idx[None, :] <= anchor[:, None])          # context keys <= anchor

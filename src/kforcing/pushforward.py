@@ -112,7 +112,8 @@ class PushForward(nn.Module):
     def __init__(self, teacher: Transformer, cfg: StudentConfig):
         super().__init__()
         self.config = cfg
-        self.backbone = copy.deepcopy(teacher)
+        # the copy trains even when the teacher passed in is frozen
+        self.backbone = copy.deepcopy(teacher).requires_grad_(True)
         self.noise = NoiseEncoder(teacher.config.dim, cfg, teacher.config.norm_eps)
         if cfg.layout == "teacher-preserving":
             # kept out of state_dict / parameters: the frozen teacher is a reference, not a weight
@@ -219,7 +220,8 @@ class PushForward(nn.Module):
                                         mask=st.mask[noise_idx][:, order][None, None],
                                         cache=cache, commit=0, return_hidden=True)
                 h = h.index_copy(1, noise_idx, h_noise)
-        noise_logits = self.backbone.output(h[:, noise_idx]).view(B, M, n, -1)
+        noise_logits = self.backbone.output(h[:, noise_idx]).view(
+            B, M, n, self.model_config.vocab_size)
         first = None
         if self.config.head == "inverse-cdf":
             # q_1: the distribution at the last real token before the noise of each window
