@@ -171,3 +171,23 @@ def publish_checkpoint(run_dir: Path, step: int, write: Any, keep: int = 2) -> P
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+class MetricsLog:
+    """Append-only JSONL metrics of a run; `rewind(step)` drops what a resumed run will redo,
+    so the log of an interrupted and resumed run reads like one uninterrupted run."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def rewind(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        keep = [r for r in records if r.get("step", 0) <= step and not r.get("final")]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())

@@ -13,7 +13,6 @@ and writes atomic, resumable checkpoints.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kforcing.checkpoint import (
+    MetricsLog,
     atomic_save_tensors,
     atomic_write_json,
     load_model,
@@ -233,7 +233,7 @@ class Distiller:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.val = self._validation_set(TokenFile(data / "validation.bin"))
         self.step, self.elapsed = 0, 0.0
-        self.metrics = self.out / "metrics.jsonl"
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
         if resume:
             self._resume()
         elif (self.out / "checkpoints" / "latest.json").exists():
@@ -347,16 +347,10 @@ class Distiller:
         self.gen.set_state(tensors["rng.batch"])
         self.loader.load_state_dict(state["loader"])
         self.step, self.elapsed = state["step"], state["elapsed"]
-        if self.metrics.exists():
-            keep = [ln for ln in self.metrics.read_text().splitlines()
-                    if ln and json.loads(ln).get("step", 0) <= self.step
-                    and not json.loads(ln).get("final")]
-            self.metrics.write_text("".join(ln + "\n" for ln in keep))
+        self.metrics.rewind(self.step)
 
     def log(self, rec: dict) -> None:
-        self.metrics.parent.mkdir(parents=True, exist_ok=True)
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self.metrics.append(rec)
 
     def fit(self, stop_after: int | None = None) -> dict:
         cfg = self.cfg

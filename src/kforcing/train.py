@@ -8,7 +8,6 @@ reproduces the uninterrupted run's losses exactly.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from kforcing.checkpoint import (
     MODEL_FILE,
     TOKENIZER_FILE,
+    MetricsLog,
     atomic_save_tensors,
     atomic_write_json,
     load_state,
@@ -133,7 +133,7 @@ class Trainer:
                                   batch_size=cfg.batch_size, seed=cfg.seed)
         self.step = 0
         self.elapsed = 0.0    # training seconds accumulated over all sessions of this run
-        self.metrics_path = self.out / "metrics.jsonl"
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
         if resume:
             self._resume()
         elif (self.out / "checkpoints" / "latest.json").exists():
@@ -169,18 +169,10 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.loader.load_state_dict(state["loader"])
         self.step, self.elapsed = state["step"], state["elapsed"]
-        # drop metrics logged after the checkpoint so the log reads like one uninterrupted run
-        if self.metrics_path.exists():
-            records = [json.loads(line) for line in self.metrics_path.read_text().splitlines()
-                       if line]
-            keep = [json.dumps(r) for r in records
-                    if r.get("step", 0) <= self.step and not r.get("final")]
-            self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        self.metrics.rewind(self.step)
 
     def log(self, record: dict) -> None:
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.metrics.append(record)
 
     # training -------------------------------------------------------------------------------
     def time_fraction(self) -> float:
