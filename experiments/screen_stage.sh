@@ -20,6 +20,7 @@ for name in "$@"; do
     high-lr)      args=(--k 1 --lr 1e-3 --noise-lr 1e-2) ;;
     low-lr)       args=(--k 1 --lr 2e-4 --noise-lr 5e-4) ;;
     tp-argmax)    args=(--k 1 --layout teacher-preserving) ;;
+    tau-curric)   args=(--k 1 --tau-start 0.2 --tau-ramp 0.5) ;;
     tp-icdf-k2)   args=(--k 2 --layout teacher-preserving --head inverse-cdf --cdf-order sorted) ;;
     *) echo "unknown option $name" >&2; exit 2 ;;
   esac

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--head", choices=["argmax", "inverse-cdf"])
     sp.add_argument("--cdf-order", dest="cdf_order", choices=["vocab", "sorted"])
     sp.add_argument("--target", choices=["self-forcing", "ar-rollout", "noise-inversion"])
-    for name, typ in [("tau_min", float), ("tau_max", float), ("block_size", int),
+    for name, typ in [("tau_min", float), ("tau_max", float), ("tau_start", float),
+                      ("tau_ramp", float), ("block_size", int),
                       ("windows", int), ("batch_size", int), ("lr", float), ("noise_lr", float),
                       ("max_steps", int), ("time_budget_min", float), ("eval_every_min", float),
                       ("eval_contexts", int), ("ckpt_every", int), ("seed", int)]:

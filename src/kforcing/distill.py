@@ -54,6 +54,8 @@ class DistillConfig:
     target: str = "self-forcing"
     tau_min: float = 1.0            # tau ~ U[tau_min, tau_max] per sequence
     tau_max: float = 1.0
+    tau_start: float | None = None  # curriculum: the range's top ramps up from here to tau_max
+    tau_ramp: float = 0.5           # ... over this fraction of the budget (time or steps)
     block_size: int = 64            # context length N of each training sequence
     windows: int = 64               # anchors M per sequence that get a window
     batch_size: int = 16
@@ -80,6 +82,8 @@ class DistillConfig:
             raise KForcingError(f"target must be one of {TARGETS}, got '{self.target}'")
         if not 0 < self.tau_min <= self.tau_max:
             raise KForcingError("need 0 < tau_min <= tau_max")
+        if self.tau_start is not None and not 0 < self.tau_start <= self.tau_max:
+            raise KForcingError("need 0 < tau_start <= tau_max")
         if self.pos_weights is not None and len(self.pos_weights) != self.k:
             raise KForcingError(f"pos_weights needs {self.k} entries, got {len(self.pos_weights)}")
         if self.windows < 1 or self.windows > self.block_size:
@@ -149,21 +153,29 @@ def load_student(path: str | Path, device: str = "cpu") -> PushForward:
 # -- targets -----------------------------------------------------------------------------------
 
 @torch.no_grad()
+def teacher_conditionals(teacher, x: torch.Tensor, known: torch.Tensor, anchors: torch.Tensor
+                         ) -> torch.Tensor:
+    """Teacher logits p(. | x<=t, y_<i) for i = 1..j+1 along known tokens y (B, M, j), for
+    each anchor t, in one staircase pass: (B, M, j+1, V)."""
+    B, N = x.shape
+    M, j = anchors.numel(), known.shape[-1]
+    st = staircase(N, j, anchors, device=x.device)
+    logits = teacher(torch.cat([x, known.flatten(1, 2)], 1), input_pos=st.positions,
+                     mask=st.mask[None, None])
+    first = logits[:, anchors].unsqueeze(2)                                  # (B, M, 1, V)
+    return torch.cat([first, logits[:, N:].view(B, M, j, logits.shape[-1])], dim=2)
+
+
+@torch.no_grad()
 def ar_rollout(teacher, x: torch.Tensor, u: torch.Tensor, tau: torch.Tensor, anchors: torch.Tensor,
                order: str) -> torch.Tensor:
     """Exact k-step AR samples G(x<=t, u_1..u_k) for each anchor: (B, M, k) tokens.
 
     Step j runs the teacher once over [context | windows of the j-1 tokens drawn so far]."""
-    B, N = x.shape
-    M, k = anchors.numel(), u.shape[-1]
-    ys = torch.empty(B, M, 0, dtype=torch.long, device=x.device)
-    for j in range(k):
-        if j == 0:
-            logits = teacher(x)[:, anchors]                                 # (B, M, V)
-        else:
-            st = staircase(N, j, anchors, device=x.device)
-            logits = teacher(torch.cat([x, ys.flatten(1, 2)], 1), input_pos=st.positions,
-                             mask=st.mask[None, None])[:, N:].view(B, M, j, -1)[:, :, -1]
+    B = x.shape[0]
+    ys = torch.empty(B, anchors.numel(), 0, dtype=torch.long, device=x.device)
+    for j in range(u.shape[-1]):
+        logits = teacher_conditionals(teacher, x, ys, anchors)[:, :, -1]     # (B, M, V)
         probs = (logits.float() / tau.view(B, 1, 1).float()).softmax(-1)
         ys = torch.cat([ys, inverse_cdf(probs, u[..., j], order)[..., None]], dim=2)
     return ys
@@ -255,8 +267,8 @@ class Distiller:
         k, order = cfg.k, cfg.student.cdf_order
         anchors = torch.randperm(N - (k if cfg.target == "noise-inversion" else 0),
                                  generator=gen)[:M].sort().values.to(x.device)
-        tau = (cfg.tau_min + (cfg.tau_max - cfg.tau_min) *
-               torch.rand(B, generator=gen, dtype=torch.float64)).to(x.device)
+        lo, hi = self.tau_range()
+        tau = (lo + (hi - lo) * torch.rand(B, generator=gen, dtype=torch.float64)).to(x.device)
         if cfg.target == "noise-inversion":
             u, y = invert_noise(self.teacher, x, tau, anchors, k, order, gen)
             return anchors, u, tau, y
@@ -271,12 +283,31 @@ class Distiller:
             y = torch.cat([y1, y2], dim=2)
         return anchors, u, tau, y
 
+    def tau_range(self) -> tuple[float, float]:
+        cfg = self.cfg
+        if cfg.tau_start is None:
+            return cfg.tau_min, cfg.tau_max
+        if cfg.time_budget_min:
+            progress = self.elapsed / (60 * cfg.time_budget_min)
+        else:
+            progress = self.step / cfg.max_steps
+        frac = min(1.0, progress / max(cfg.tau_ramp, 1e-9))
+        hi = cfg.tau_start + (cfg.tau_max - cfg.tau_start) * frac
+        return min(cfg.tau_min, hi), hi
+
     def loss(self, x, anchors, u, tau, y) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.student.staircase_forward(x, u, tau, anchors)
         k = self.cfg.k
         w = torch.tensor(self.cfg.pos_weights or [1.0] * k, device=x.device)
-        ce = F.cross_entropy(out.logits.flatten(0, 2).float(), y.flatten(), reduction="none")
-        ce = ce.view(*y.shape)                                             # (B, M, k)
+        if self.cfg.student.head == "inverse-cdf":
+            # soft targets: the teacher's own conditionals along the target tokens, at tau
+            t = tau.view(-1, 1, 1, 1).float()
+            p = (teacher_conditionals(self.teacher, x, y[..., :-1], anchors).float() / t
+                 ).softmax(-1)
+            ce = -(p * (out.logits.float() / t).log_softmax(-1)).sum(-1)    # (B, M, k)
+        else:
+            ce = F.cross_entropy(out.logits.flatten(0, 2).float(), y.flatten(),
+                                 reduction="none").view(*y.shape)           # (B, M, k)
         if self.cfg.student.head == "inverse-cdf" and self.student.teacher is not None:
             ce[..., 0] = 0.0          # q_1 is the frozen teacher's own distribution
         loss = (ce.mean((0, 1)) * w).sum() / w.sum()
