@@ -328,7 +328,7 @@ class Distiller:
         anchors = torch.arange(N - 8, N, device=cfg.device)                 # 8 windows / context
         u = torch.rand(B, anchors.numel(), cfg.k, generator=g, dtype=torch.float64).to(cfg.device)
         sets = {}
-        for tau_v in sorted({1.0, cfg.tau_min}):
+        for tau_v in sorted({1.0, 0.7, cfg.tau_min}):
             tau = torch.full((B,), tau_v, dtype=torch.float64, device=cfg.device)
             sets[tau_v] = (tau, ar_rollout(self.teacher, x, u, tau, anchors,
                                            cfg.student.cdf_order))
