@@ -170,7 +170,7 @@ def test_stage1_metrics_and_checkpoints(stage1):
     assert len(vals) == len(recs)  # eval_every_min=0: every record carries a validation
     for v in vals:
         assert set(v) == {"tau0.7", "tau1"}
-        assert set(v["tau1"]) == {"first", "joint", "per_pos"}
+        assert set(v["tau1"]) == {"first", "joint", "per_pos", "windows"}
         assert len(v["tau1"]["per_pos"]) == 1
         assert 0.0 <= v["tau1"]["joint"] <= v["tau1"]["first"] <= 1.0
     for r in recs[1:-1]:

@@ -137,6 +137,23 @@ def cmd_distill(args) -> None:
     print(json.dumps(distill(cfg, resume=args.resume, progress=not args.quiet)))
 
 
+def cmd_match(args) -> None:
+    from kforcing.data import TokenFile
+    from kforcing.distill import load_student
+    from kforcing.evaluate import build_match_set, match_rates
+    student = load_student(args.student, device=args.device)
+    k = args.k or student.config.max_k
+    from kforcing.pushforward import check_k
+    check_k(k, student.config.max_k)
+    split = TokenFile(Path(args.data) / f"{args.split}.bin")
+    taus = [float(t) for t in args.taus.split(",")]
+    mset = build_match_set(student.context_model, split, k=k, block_size=args.block_size,
+                           n_windows=args.windows, taus=taus, order=student.config.cdf_order,
+                           seed=args.seed, device=args.device)
+    print(json.dumps({"student": args.student, "k": k, "split": args.split,
+                      **match_rates(student, mset)}))
+
+
 def cmd_eval(args) -> None:
     import math
 
@@ -196,6 +213,7 @@ COMMANDS: dict[str, Callable] = {
     "distill": cmd_distill,
     "generate": cmd_generate,
     "eval": cmd_eval,
+    "match": cmd_match,
     "hf export": cmd_hf_export,
     "hf import": cmd_hf_import,
     "bench": cmd_bench,
@@ -297,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--block-size", type=int, default=256)
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--max-batches", type=int, default=None)
+    sp.add_argument("--device", default="cpu")
+
+    sp = sub.add_parser("match", help="student vs teacher: window match rates, same uniforms")
+    sp.add_argument("--student", required=True)
+    sp.add_argument("--data", required=True, help="prepared corpus directory")
+    sp.add_argument("--split", default="validation", choices=["validation", "test"])
+    sp.add_argument("--k", type=int, default=None, help="window (default: the student's max_k)")
+    sp.add_argument("--windows", type=int, default=1024)
+    sp.add_argument("--taus", default="1.0,0.7")
+    sp.add_argument("--block-size", type=int, default=64)
+    sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
 
     hf = sub.add_parser("hf", help="Hugging Face interop").add_subparsers(dest="sub",

@@ -34,6 +34,7 @@ from kforcing.checkpoint import (
 from kforcing.config import from_dict, load_json
 from kforcing.data import BlockLoader, TokenFile
 from kforcing.errors import KForcingError
+from kforcing.evaluate import MatchSet, build_match_set, match_rates
 from kforcing.masks import staircase
 from kforcing.pushforward import PushForward, StudentConfig
 from kforcing.sampling import inverse_cdf
@@ -314,40 +315,15 @@ class Distiller:
         match = (out.tokens == y).float().mean((0, 1))                      # (k,)
         return loss, match
 
-    def _validation_set(self, tokens: TokenFile) -> dict:
-        """Fixed held-out contexts, anchors, uniforms, taus and exact AR targets."""
+    def _validation_set(self, tokens: TokenFile) -> MatchSet:
+        """Fixed held-out contexts, anchors, uniforms and exact AR targets at tau 1 and 0.7."""
         cfg = self.cfg
-        g = torch.Generator().manual_seed(10_000 + cfg.seed)
-        n_blocks = tokens.num_blocks(cfg.block_size)
-        if n_blocks == 0:
-            raise KForcingError("validation split is shorter than one block")
-        idx = torch.randperm(n_blocks, generator=g)[:max(1, cfg.eval_contexts // 8)]
-        x = torch.stack([torch.from_numpy(tokens.block(int(i), cfg.block_size)[:-1])
-                         for i in idx]).to(cfg.device)
-        B, N = x.shape
-        anchors = torch.arange(N - 8, N, device=cfg.device)                 # 8 windows / context
-        u = torch.rand(B, anchors.numel(), cfg.k, generator=g, dtype=torch.float64).to(cfg.device)
-        sets = {}
-        for tau_v in sorted({1.0, 0.7, cfg.tau_min}):
-            tau = torch.full((B,), tau_v, dtype=torch.float64, device=cfg.device)
-            sets[tau_v] = (tau, ar_rollout(self.teacher, x, u, tau, anchors,
-                                           cfg.student.cdf_order))
-        return {"x": x, "anchors": anchors, "u": u, "sets": sets}
+        return build_match_set(self.teacher, tokens, k=cfg.k, block_size=cfg.block_size,
+                               n_windows=cfg.eval_contexts, taus=[1.0, 0.7, cfg.tau_min],
+                               order=cfg.student.cdf_order, seed=cfg.seed, device=cfg.device)
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        v = self.val
-        self.student.eval()
-        rec = {}
-        for tau_v, (tau, y) in v["sets"].items():
-            toks = self.student.staircase_forward(v["x"], v["u"], tau, v["anchors"]).tokens
-            eq = toks == y
-            rec[f"tau{tau_v:g}"] = {"first": float(eq[..., 0].float().mean()),
-                                    "joint": float(eq.all(-1).float().mean()),
-                                    "per_pos": [round(float(m), 4)
-                                                for m in eq.float().mean((0, 1))]}
-        self.student.train()
-        return rec
+        return match_rates(self.student, self.val)
 
     # checkpoints
     def _write(self, d: Path) -> None:
