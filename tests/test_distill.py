@@ -383,3 +383,25 @@ def test_exact_k1_map_gives_ar_rollout_targets_for_k2(
     assert torch.equal(y, ar_rollout(d.teacher, x, u, tau, anchors, order))
     rec = d.fit()
     assert d.step == 2 and len(rec["val"]["tau1"]["per_pos"]) == 2
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_match_rates_of_a_perfect_map_are_one(teacher, tiny_corpus, order):
+    """teacher-preserving + inverse-cdf at k=1 samples exactly like the teacher: match 1.0,
+    while a shared argmax student with a random noise encoder does not."""
+    from kforcing.data import TokenFile
+    from kforcing.evaluate import build_match_set, match_rates
+    from kforcing.pushforward import PushForward
+
+    split = TokenFile(tiny_corpus.validation)
+    mset = build_match_set(teacher, split, k=1, block_size=16, n_windows=32,
+                           taus=[1.0, 0.7], order=order)
+    perfect = PushForward(teacher, StudentConfig(layout="teacher-preserving",
+                                                 head="inverse-cdf", cdf_order=order))
+    rates = match_rates(perfect, mset)
+    assert set(rates) == {"tau1", "tau0.7"}
+    for r in rates.values():
+        assert r["first"] == r["joint"] == 1.0 and r["windows"] == mset.u.shape[0] * 8
+    torch.manual_seed(0)
+    rough = PushForward(teacher, StudentConfig(cdf_order=order))
+    assert match_rates(rough, mset)["tau1"]["first"] < 1.0
