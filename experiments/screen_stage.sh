@@ -9,7 +9,8 @@ TEACHER=${TEACHER:-runs/teacher-small}
 DATA=${DATA:-.cache/prepared/brown-v8192-s0}
 KF=${KF:-.venv/bin/kforcing}
 base=(--teacher "$TEACHER" --data "$DATA" --max-k 4 --time-budget-min "$MIN"
-      --block-size 64 --windows 64 --batch-size 16 --eval-every-min 1 --eval-contexts 64 --quiet)
+      --block-size 64 --windows 64 --batch-size 16 --eval-every-min 1 --eval-contexts 64 --quiet
+      --tau-min 1.0 --tau-max 1.0)   # the paper trains at tau = 1; options override below
 for name in "$@"; do
   out=runs/screen/$name
   case $name in
