@@ -48,7 +48,7 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path, *, tau: str = "tau1
     for d in run_dirs:
         xs, ys = read_curve(d, tau, metric)
         ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=Path(d).name)
-    ax.set_xlabel("wall-clock minutes (training only, 2-core CPU)")
+    ax.set_xlabel("wall-clock minutes of training (validation time excluded)")
     ax.set_ylabel(f"{metric} match with teacher (%), {tau}")
     ax.set_title(title or f"K-Forcing distillation: {metric} match vs time")
     ax.grid(alpha=0.3)
