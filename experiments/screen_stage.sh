@@ -22,6 +22,7 @@ for name in "$@"; do
     low-lr)       args=(--k 1 --lr 2e-4 --noise-lr 5e-4) ;;
     tp-argmax)    args=(--k 1 --layout teacher-preserving) ;;
     tau-curric)   args=(--k 1 --tau-start 0.2 --tau-ramp 0.5) ;;
+    tp-tau-range) args=(--k 1 --layout teacher-preserving --tau-min 0.7 --tau-max 1.0) ;;
     tp-icdf-k2)   args=(--k 2 --layout teacher-preserving --head inverse-cdf --cdf-order sorted) ;;
     *) echo "unknown option $name" >&2; exit 2 ;;
   esac
