@@ -23,6 +23,9 @@ class Staircase:
     n_context: int
     window: int
 
+    def window_slice(self) -> slice:
+        return slice(self.n_context, None)
+
 
 def staircase(n_context: int, window: int, anchors: torch.Tensor | None = None,
               device: torch.device | str = "cpu") -> Staircase:
