@@ -13,6 +13,7 @@ and writes atomic, resumable checkpoints.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -220,7 +221,10 @@ class Distiller:
             if self.prev.config.layout != cfg.student.layout or \
                     self.prev.config.head != cfg.student.head:
                 raise KForcingError("a stage must keep the previous stage's layout and head")
-            self.student = load_student(cfg.init, device=cfg.device)
+            # the new stage starts from a trainable copy of the frozen previous stage
+            self.student = copy.deepcopy(self.prev)
+            self.student.backbone.requires_grad_(True)
+            self.student.noise.requires_grad_(True)
             self.student.config = cfg.student
             self.student.noise.cfg = cfg.student
         else:
