@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -154,19 +155,6 @@ def cmd_match(args) -> None:
                       **match_rates(student, mset)}))
 
 
-def cmd_eval(args) -> None:
-    import math
-
-    from kforcing.data import TokenFile
-    from kforcing.train import evaluate_loss
-    model, _ = _load(args)
-    split = Path(args.data) / f"{args.split}.bin"
-    loss = evaluate_loss(model, TokenFile(split), min(args.block_size, model.config.max_seq_len),
-                         args.batch_size, args.max_batches, args.device)
-    print(json.dumps({"split": args.split, "loss": loss, "perplexity": math.exp(loss),
-                      "model": str(args.model)}))
-
-
 def cmd_hf_export(args) -> None:
     from kforcing.checkpoint import load_model, tokenizer_path
     from kforcing.hf import export_hf
@@ -198,11 +186,6 @@ def cmd_curves(args) -> None:
     print(json.dumps(summarize(args.runs)))
 
 
-def cmd_bench(args) -> None:
-    from kforcing.bench import main as bench_main
-    bench_main(args)
-
-
 # -- parser ---------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Callable] = {
@@ -212,14 +195,16 @@ COMMANDS: dict[str, Callable] = {
     "train": cmd_train,
     "distill": cmd_distill,
     "generate": cmd_generate,
-    "eval": cmd_eval,
     "match": cmd_match,
     "hf export": cmd_hf_export,
     "hf import": cmd_hf_import,
-    "bench": cmd_bench,
     "demo": cmd_demo,
     "curves": cmd_curves,
 }
+
+
+# modules that add their own subcommands: each has register(subparsers, commands)
+EXTENSIONS = ("kforcing.cli_eval", "kforcing.cli_bench", "kforcing.cli_hub")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,15 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", action="store_true", help="one JSON line per completion")
 
-    sp = sub.add_parser("eval", help="perplexity on a prepared split")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--data", required=True, help="prepared corpus directory")
-    sp.add_argument("--split", default="validation", choices=["train", "validation", "test"])
-    sp.add_argument("--block-size", type=int, default=256)
-    sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--max-batches", type=int, default=None)
-    sp.add_argument("--device", default="cpu")
-
     sp = sub.add_parser("match", help="student vs teacher: window match rates, same uniforms")
     sp.add_argument("--student", required=True)
     sp.add_argument("--data", required=True, help="prepared corpus directory")
@@ -337,15 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--src", required=True, help="directory with config.json + safetensors")
     sp.add_argument("--out", required=True)
 
-    sp = sub.add_parser("bench", help="decode speed: ours vs HF generate, or K-Forcing vs AR")
-    sp.add_argument("--model", help="model directory (default: a random `small` model)")
-    sp.add_argument("--student", help="K-Forcing student: benchmark it against AR decoding")
-    sp.add_argument("--k", default="4", help="comma-separated k values (with --student)")
-    sp.add_argument("--batch-sizes", default="1,16")
-    sp.add_argument("--new-tokens", type=int, default=256)
-    sp.add_argument("--repeats", type=int, default=3)
-    sp.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
-    sp.add_argument("--out", default="docs/bench", help="where JSON and plots go")
     sp = sub.add_parser("curves", help="plot distillation learning curves (match vs minutes)")
     sp.add_argument("runs", nargs="+", help="distillation run directories")
     sp.add_argument("--out", required=True, help="PNG path")
@@ -363,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--new-tokens", type=int, default=64)
     cache(sp)
+    for name in EXTENSIONS:
+        importlib.import_module(name).register(sub, COMMANDS)
     return p
 
 
