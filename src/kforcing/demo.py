@@ -45,7 +45,7 @@ def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "ru
     if found is None:
         run_dir = Path(out) / "teacher"
         print(f"[2/5] teacher: training `small` for {minutes:g} CPU minutes into {run_dir} "
-              "(rerun to continue it; the full recipe is in docs/RESULTS.md)")
+              "(rerun to continue it; the full recipe is in docs/EXPERIMENTS.md)")
         cfg = TrainConfig(data=str(prep.dir), out_dir=str(run_dir), model="small",
                           max_steps=100_000, warmup_steps=50, time_budget_min=minutes,
                           eval_every=100, eval_batches=5, ckpt_every=50)

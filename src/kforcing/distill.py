@@ -55,7 +55,7 @@ class DistillConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     target: str = "self-forcing"
     # tau ~ U[tau_min, tau_max] per sequence; [0.7, 1] beat tau = 1 in the screening
-    # (docs/RESULTS.md: first-token match 26.4% vs 19.9% at tau 1, 39.5% vs 22.7% at tau 0.7)
+    # (docs/EXPERIMENTS.md: first-token match 26.4% vs 19.9% at tau 1, 39.5% vs 22.7% at tau 0.7)
     tau_min: float = 0.7
     tau_max: float = 1.0
     tau_start: float | None = None  # curriculum: the range's top ramps up from here to tau_max
