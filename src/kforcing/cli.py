@@ -100,18 +100,41 @@ def student_tokenizer(path) -> Path:
     return tok
 
 
+def _k_arg(s: str):
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got '{s}'") from None
+
+
 def cmd_generate(args) -> None:
     from kforcing.generate import generate
     from kforcing.sampling import SamplingConfig
     model, tok = _load(args, allow_student=True)
     prompts = args.prompt or ["The"]
     ids = [tok.encode(p).ids for p in prompts]
+    k = args.k
+    if k == "auto":   # k per batch size from the cached calibration; plain AR models: k = 1
+        from kforcing.autok import auto_decoder
+        auto = auto_decoder(model, len(ids), model_dir=args.model)
+        model, k = auto.model, auto.k
     if hasattr(model, "window_pass"):   # a K-Forcing student
         kw = {"temperature": args.temperature, "frequency_penalty": args.frequency_penalty}
     else:
         kw = {"sampling": SamplingConfig(temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, cdf_order=args.cdf_order)}
-    res = generate(model, ids, args.max_new_tokens, k=args.k, seed=args.seed, **kw)
+    if args.lossless:   # the student proposes, its teacher verifies: the teacher's exact samples
+        if not hasattr(model, "window_pass"):
+            raise KForcingError("--lossless needs a K-Forcing student (its teacher verifies)")
+        kw = {"sampling": SamplingConfig(temperature=args.temperature, top_k=args.top_k,
+                                         top_p=args.top_p, cdf_order=model.config.cdf_order),
+              "mode": "lossless"}
+        if model.teacher is None:   # shared layout: the teacher is a separate model
+            from kforcing.lossless import load_teacher_of
+            kw["teacher"] = load_teacher_of(args.model, device=args.device)
+    res = generate(model, ids, args.max_new_tokens, k=k, seed=args.seed, **kw)
     for prompt, new in zip(prompts, res.tokens, strict=True):
         text = tok.decode(new, skip_special_tokens=True)
         if args.json:
@@ -120,7 +143,9 @@ def cmd_generate(args) -> None:
             print(f"{prompt}{text}\n" + "-" * 60)
     print(json.dumps({"new_tokens": res.num_tokens, "forward_passes": res.forward_passes,
                       "seconds": round(res.seconds, 4),
-                      "tokens_per_s": round(res.tokens_per_second, 1)}), file=sys.stderr)
+                      "tokens_per_s": round(res.tokens_per_second, 1),
+                      **{key: round(v, 4) if isinstance(v, float) else v
+                         for key, v in res.extra.items()}}), file=sys.stderr)
 
 
 def cmd_distill(args) -> None:
@@ -282,9 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True, help="model or run directory")
     sp.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     sp.add_argument("--max-new-tokens", type=int, default=100)
-    sp.add_argument("--k", type=int, default=None,
-                    help="tokens per pass for a K-Forcing student (default: its max_k)")
+    sp.add_argument("--k", type=_k_arg, default=None,
+                    help="tokens per pass for a K-Forcing student (default: its max_k); "
+                    "'auto' picks k for this batch size by calibration (docs/AUTOK.md)")
     sp.add_argument("--frequency-penalty", type=float, default=0.0)
+    sp.add_argument("--lossless", action="store_true",
+                    help="K-Forcing proposes, the teacher verifies: output distributed exactly "
+                    "as the teacher's (a student only)")
     sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     sp.add_argument("--top-k", type=int, default=0)
     sp.add_argument("--top-p", type=float, default=1.0)

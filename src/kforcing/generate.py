@@ -204,11 +204,21 @@ def generate_kforcing(student, prompts: list[list[int]], max_new_tokens: int, *,
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, k: int | None = None,
-             **kw) -> GenerationResult:
+             mode: str = "kforcing", **kw) -> GenerationResult:
     """Entry point for every decoder: a plain Transformer decodes AR; a K-Forcing student
-    decodes k tokens per pass (k defaults to its max_k)."""
+    decodes k tokens per pass (k defaults to its max_k), or with mode="lossless" proposes k
+    tokens that its teacher verifies (output distributed exactly as the teacher's)."""
     from kforcing.pushforward import PushForward
 
+    if mode not in ("kforcing", "lossless"):
+        raise KForcingError(f"mode must be 'kforcing' or 'lossless', got '{mode}'")
+    if mode == "lossless":
+        if not isinstance(model, PushForward):
+            raise KForcingError("lossless mode needs a K-Forcing student (it proposes, its "
+                                "teacher verifies)")
+        from kforcing.lossless import generate_lossless
+        kw.pop("frequency_penalty", None) and _no_penalty()
+        return generate_lossless(model, prompts, max_new_tokens, k=k, **kw)
     if isinstance(model, PushForward):
         sampling = kw.pop("sampling", None)
         if sampling is not None:
@@ -217,3 +227,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, k: int | N
     if k not in (None, 1):
         raise KForcingError(f"k={k} needs a K-Forcing student; this is a plain AR model")
     return generate_ar(model, prompts, max_new_tokens, **kw)
+
+
+def _no_penalty() -> None:
+    raise KForcingError("lossless mode samples the teacher's exact distribution: a frequency "
+                        "penalty would change it")

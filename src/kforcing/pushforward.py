@@ -106,6 +106,7 @@ class NoiseEncoder(nn.Module):
 class WindowOutput:
     logits: torch.Tensor      # (B, M, k, V): q_1..q_k (inverse-cdf) or noise outputs (argmax)
     tokens: torch.Tensor      # (B, M, k) the window's tokens under this head
+    context_logits: torch.Tensor | None = None   # (B, R, V) at every real token (window_pass)
 
 
 class PushForward(nn.Module):
@@ -147,12 +148,14 @@ class PushForward(nn.Module):
 
     # -- decoding: one pass of real tokens (into the cache) + noise tokens (dropped) -------------
     def window_pass(self, cache: KVCache, real: torch.Tensor, real_pos: torch.Tensor,
-                    u: torch.Tensor, tau: torch.Tensor, penalty: torch.Tensor | None = None
-                    ) -> WindowOutput:
+                    u: torch.Tensor, tau: torch.Tensor, penalty: torch.Tensor | None = None,
+                    context_logits: bool = False) -> WindowOutput:
         """real (B, R) tokens at positions real_pos (B, R), committed to the cache; u (B, k)
         uniforms; noise token i sits at position real_pos[:, -1] + i. Returns (B, 1, k) tokens.
 
-        penalty (B, V) is subtracted from every output's logits (frequency penalty)."""
+        penalty (B, V) is subtracted from every output's logits (frequency penalty).
+        context_logits: also return the context model's logits at every real token; in the
+        teacher-preserving layout these are the teacher's (lossless mode verifies with them)."""
         B, R = real.shape
         k = u.shape[-1]
         n = self.config.n_noise(k)
@@ -162,20 +165,26 @@ class PushForward(nn.Module):
             emb = torch.cat([self.backbone.tok_embeddings(real), noise.to(cache.k.dtype)], 1)
             h = self.backbone(embeds=emb, input_pos=torch.cat([real_pos, noise_pos], 1),
                               cache=cache, commit=R, return_hidden=True)
-            h_last, h_noise = h[:, R - 1:R], h[:, R:]
+            h_real, h_noise = h[:, :R], h[:, R:]
         else:
-            h_last = self.teacher(real, input_pos=real_pos, cache=cache, last_only=True,
-                                  return_hidden=True)
+            h_real = self.teacher(real, input_pos=real_pos, cache=cache,
+                                  last_only=not context_logits, return_hidden=True)
             h_noise = (self.backbone(embeds=noise.to(cache.k.dtype), input_pos=noise_pos,
                                      cache=cache, commit=0, return_hidden=True)
-                       if n else h_last[:, :0])
+                       if n else h_real[:, :0])
+        h_last = h_real[:, -1:]
         noise_logits = self.backbone.output(h_noise)
-        first = self.context_model.output(h_last) if self.config.head == "inverse-cdf" else None
+        ctx = self.context_model.output(h_real) if context_logits else None
+        first = None
+        if self.config.head == "inverse-cdf":
+            first = ctx[:, -1:] if ctx is not None else self.context_model.output(h_last)
         if penalty is not None:
             noise_logits = noise_logits - penalty[:, None]
             first = None if first is None else first - penalty[:, None]
-        return self._head(None if first is None else first[:, 0][:, None], noise_logits[:, None],
-                          u[:, None], tau)
+        out = self._head(None if first is None else first[:, 0][:, None], noise_logits[:, None],
+                         u[:, None], tau)
+        out.context_logits = ctx
+        return out
 
     # -- training: one staircase pass -----------------------------------------------------------
     def staircase_forward(self, x: torch.Tensor, u: torch.Tensor, tau: torch.Tensor,
