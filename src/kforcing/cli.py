@@ -167,13 +167,18 @@ def cmd_match(args) -> None:
     from kforcing.data import TokenFile
     from kforcing.distill import load_student
     from kforcing.evaluate import build_match_set, match_rates
+    from kforcing.lossless import load_teacher_of
+    from kforcing.pushforward import check_k
     student = load_student(args.student, device=args.device)
     k = args.k or student.config.max_k
-    from kforcing.pushforward import check_k
     check_k(k, student.config.max_k)
     split = TokenFile(Path(args.data) / f"{args.split}.bin")
     taus = [float(t) for t in args.taus.split(",")]
-    mset = build_match_set(student.context_model, split, k=k, block_size=args.block_size,
+    # the reference is the teacher itself: in the shared layout the student's context model is
+    # its own fine-tuned backbone, not the teacher
+    teacher = student.teacher if student.teacher is not None else load_teacher_of(
+        args.student, device=args.device)
+    mset = build_match_set(teacher, split, k=k, block_size=args.block_size,
                            n_windows=args.windows, taus=taus, order=student.config.cdf_order,
                            seed=args.seed, device=args.device)
     print(json.dumps({"student": args.student, "k": k, "split": args.split,
