@@ -1,0 +1,196 @@
+"""Benchmarks, `--k auto` and `kforcing reproduce` on tiny models: output files, keys and types,
+the k-selection rule, its cache, and resuming a finished chain. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kforcing.autok import (
+    auto_decoder,
+    bucket,
+    candidate_ks,
+    choose_k,
+    measure_tokens_per_s,
+    pick_k,
+)
+from kforcing.bench import METHODS, BenchConfig, read_rows, run_bench, write_results
+from kforcing.cli import main
+from kforcing.distill import save_student
+from kforcing.errors import KForcingError
+from kforcing.pushforward import PushForward, StudentConfig
+
+
+def tiny_student(teacher, layout="teacher-preserving", max_k=4) -> PushForward:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return PushForward(teacher, StudentConfig(max_k=max_k, layout=layout)).eval()
+
+
+@pytest.fixture
+def student_dir(saved_tiny_model, tmp_path) -> Path:
+    from kforcing.checkpoint import load_model
+    out = tmp_path / "student"
+    save_student(tiny_student(load_model(saved_tiny_model)), out, saved_tiny_model)
+    return out
+
+
+# -- autok ---------------------------------------------------------------------------------------
+
+def test_pick_k_is_the_argmax_with_ar_winning_near_ties():
+    assert pick_k({1: 100.0, 2: 180.0, 4: 300.0}) == 4
+    assert pick_k({1: 100.0, 2: 180.0, 4: 150.0}) == 2
+    assert pick_k({1: 100.0, 2: 60.0, 4: 30.0}) == 1
+    assert pick_k({1: 100.0, 2: 103.0, 4: 90.0}) == 1          # inside the 5% margin
+    assert pick_k({1: 100.0, 2: 103.0}, margin=0.0) == 2
+    assert pick_k({1: 100.0, 2: 150.0, 4: 150.0}) == 2         # ties go to the smaller k
+    with pytest.raises(KForcingError, match="AR entry"):
+        pick_k({2: 1.0})
+    assert candidate_ks(4) == [1, 2, 4] and candidate_ks(8) == [1, 2, 4, 8]
+    assert candidate_ks(3) == [1, 2, 3] and candidate_ks(1) == [1]
+    assert [bucket(b) for b in (1, 3, 4, 100, 256)] == [1, 4, 4, 128, 256]
+
+
+def test_choose_k_calibrates_once_and_reads_the_cache(make_model, tmp_path):
+    student = tiny_student(make_model())
+    calls = []
+
+    def timer(s, B, ks, context):
+        calls.append((B, tuple(ks)))
+        return {1: 10.0 * B, 2: 30.0 * B, 4: 20.0 * B} if B < 64 else {1: 10.0 * B, 2: 5.0 * B,
+                                                                        4: 2.0 * B}
+
+    a = choose_k(student, 3, cache=tmp_path, timer=timer)
+    assert (a.k, a.bucket, a.cached) == (2, 4, False)
+    assert calls == [(4, (1, 2, 4))]
+    b = choose_k(student, 4, cache=tmp_path, timer=timer)
+    assert (b.k, b.cached, b.tokens_per_s) == (2, True, a.tokens_per_s)
+    assert len(calls) == 1
+    c = choose_k(student, 200, cache=tmp_path, timer=timer)
+    assert (c.k, c.bucket, c.cached) == (1, 256, False)
+    data = json.loads((tmp_path / "autok.json").read_text())
+    entry = data[a.key]
+    assert set(entry["batches"]) == {"4", "256"}
+    assert entry["machine"]["threads"] == torch.get_num_threads()
+    assert choose_k(student, 4, cache=tmp_path, timer=timer, recalibrate=True).cached is False
+    assert len(calls) == 3
+
+
+def test_real_calibration_table(make_model):
+    student = tiny_student(make_model(), layout="shared")
+    table = measure_tokens_per_s(student, 2, [1, 2, 4], context=8)
+    assert sorted(table) == [1, 2, 4]
+    assert all(isinstance(v, float) and v > 0 for v in table.values())
+
+
+def test_auto_for_a_plain_ar_model_is_k1(make_model, tmp_path):
+    model = make_model()
+    with pytest.raises(KForcingError, match="needs a K-Forcing student"):
+        choose_k(model, 1, cache=tmp_path)
+    auto = auto_decoder(model, 4, cache=tmp_path)
+    assert auto.model is model and auto.k is None and auto.choice is None
+
+
+def test_generate_k_auto_cli(capsys, saved_tiny_model, student_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KFORCING_CACHE", str(tmp_path / "cache"))
+    for model in (saved_tiny_model, student_dir):
+        rc = main(["generate", "--model", str(model), "--prompt", "the river", "--k", "auto",
+                   "--max-new-tokens", "4", "--json"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert len(json.loads(out.splitlines()[0])["tokens"]) <= 4
+    assert (tmp_path / "cache" / "autok.json").is_file()
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(saved_tiny_model), "--k", "three"])
+    assert "expected an integer or 'auto'" in capsys.readouterr().err
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+ROW_TYPES = {"method": str, "batch_size": int, "new_tokens": int, "prompt_len": int,
+             "sampling": str, "tokens_per_s": float, "repeats": int, "machine": dict,
+             "command": str, "runs_tokens_per_s": list, "extra": dict}
+
+
+def test_bench_writes_typed_rows_and_plots(make_model, tmp_path):
+    teacher = make_model()
+    student = tiny_student(teacher)
+    draft = make_model(seed=3, n_layer=1)
+    cfg = BenchConfig(batch_sizes=(1, 2), prompt_len=4, new_tokens=4, repeats=2,
+                      max_seconds=2.0, cache=str(tmp_path / "cache"))
+    res = run_bench(teacher, student, draft=draft, cfg=cfg, command="test", progress=False)
+    paths = write_results(res, tmp_path / "out")
+    rows = read_rows(paths["jsonl"])
+    for r in rows:
+        for key, typ in ROW_TYPES.items():
+            assert isinstance(r[key], typ), (key, r)
+        assert r["k"] is None or isinstance(r["k"], int)
+        assert r["step_latency_ms"] is None or r["step_latency_ms"] > 0
+        assert 1 <= r["repeats"] <= 2 and r["tokens_per_s"] > 0
+        assert r["method"] in METHODS
+        assert r["machine"]["threads"] >= 1 and r["machine"]["cpu"]
+    got = {(r["method"], r["k"], r["sampling"], r["batch_size"]) for r in rows}
+    for b in (1, 2):
+        assert {("ar", 1, "sample", b), ("kforcing", 4, "sample", b),
+                ("hf-generate", None, "greedy", b), ("hf-generate", None, "sample", b)} <= got
+        assert {1, 2, 4} <= {r["k"] for r in rows if r["method"] == "kforcing"}
+        assert any(r["method"] == "kforcing-auto" and r["batch_size"] == b for r in rows)
+    assert [r["batch_size"] for r in rows if r["method"] == "hf-assisted"] == [1]
+    assert {"method": "hf-assisted", "batch_size": 2,
+            "reason": "transformers assisted generation supports batch size 1 only"
+            } in res.skipped
+    lossless = [r for r in rows if r["method"] == "lossless"]
+    assert lossless or any(s["method"] == "lossless" for s in res.skipped)
+    for r in lossless:
+        assert r["extra"]["mean_accepted_per_pass"] >= 0
+    for key in ("tokens_png", "speedup_png"):
+        assert paths[key].stat().st_size > 1000
+    meta = json.loads(paths["meta"].read_text())
+    assert meta["command"] == "test" and "kforcing k=4" in meta["speedup_over_ar"]
+
+
+def test_bench_cli_without_student(capsys, saved_tiny_model, tmp_path):
+    rc = main(["bench", "--model", str(saved_tiny_model), "--batch-sizes", "1",
+               "--new-tokens", "3", "--prompt-len", "3", "--repeats", "1", "--no-hf",
+               "--out", str(tmp_path), "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rows = read_rows(tmp_path / "bench.jsonl")
+    assert [r["method"] for r in rows] == ["ar"]
+    assert "no K-Forcing student" in err
+    assert main(["bench", "--batch-sizes", "1,x", "--out", str(tmp_path)]) == 1
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+# -- reproduce -----------------------------------------------------------------------------------
+
+def test_reproduce_smoke_and_resume(tiny_corpus, tmp_path, capsys):
+    from kforcing.reproduce import STEPS, ReproduceConfig, run_reproduce
+    cfg = ReproduceConfig(
+        out=str(tmp_path / "run"), results=str(tmp_path / "docs" / "RESULTS.md"),
+        results_dir=str(tmp_path / "docs" / "results"), data=str(tiny_corpus.dir),
+        cache=str(tmp_path / "cache"), teacher_preset="tiny", teacher_min=0.01, stage_min=0.01,
+        draft_min=0.005, teacher_block_size=32, teacher_batch_size=4, distill_block_size=16,
+        distill_batch_size=4, eval_contexts=4, match_windows=16, sample_tokens=6,
+        judge="none", eval={"new_tokens": 6, "prompts": 4, "prompt_len": 8, "context_len": 16,
+                            "windows": 16, "tv_contexts": 2, "tv_draws": 16},
+        bench_batch_sizes=(1,), bench_new_tokens=4, bench_repeats=1, progress=False)
+    first = run_reproduce(cfg, command="kforcing reproduce (test)")
+    assert first.ran == list(STEPS) and first.skipped == []
+    doc = first.results.read_text()
+    for heading in ("## Machine", "## Pipeline", "## Teacher", "## Speed", "## Samples"):
+        assert heading in doc
+    assert "kforcing reproduce (test)" in doc and "kforcing distill" in doc
+    assert (tmp_path / "docs" / "results" / "bench.jsonl").is_file()
+    assert (tmp_path / "docs" / "results" / "bench_speedup.png").is_file()
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    stamps = {n: s["finished_at"] for n, s in state["steps"].items()}
+
+    second = run_reproduce(cfg, command="kforcing reproduce (test)")
+    assert second.ran == [] and second.skipped == list(STEPS)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert {n: s["finished_at"] for n, s in state["steps"].items()} == stamps
+    assert second.results.read_text() == doc
