@@ -49,6 +49,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     eos_id: int | None = None
+    attention_bias: bool = False   # bias on the q/k/v projections (Qwen2-style)
+    # Llama 3.1-style frequency-dependent RoPE scaling: {"factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}; None = plain RoPE
+    rope_scaling: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -62,6 +66,11 @@ class ModelConfig:
                f"n_kv_head {self.n_kv_head}")
         _check(self.head_dim % 2 == 0, "model config: head_dim must be even for RoPE")
         _check(0.0 <= self.dropout < 1.0, "model config: dropout must be in [0, 1)")
+        if self.rope_scaling is not None:
+            keys = {"factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings"}
+            _check(isinstance(self.rope_scaling, dict) and set(self.rope_scaling) == keys,
+                   f"model config: rope_scaling needs exactly {', '.join(sorted(keys))}")
 
     @property
     def head_dim(self) -> int:
@@ -71,6 +80,8 @@ class ModelConfig:
         """Parameter count computed from the shapes (embeddings counted once when tied)."""
         d, f, hd = self.dim, self.intermediate_size, self.head_dim
         attn = d * (self.n_head * hd) + 2 * d * (self.n_kv_head * hd) + (self.n_head * hd) * d
+        if self.attention_bias:
+            attn += (self.n_head + 2 * self.n_kv_head) * hd
         block = attn + 3 * d * f + 2 * d
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layer * block + emb + d

@@ -76,8 +76,15 @@ class DistillConfig:
     ckpt_every: int = 100
     seed: int = 0
     device: str = "cpu"
+    # small hardware (docs/TEACHERS.md has the measured costs)
+    data_free: bool = False         # no corpus: contexts are the teacher's own samples (cached)
+    data_free_tokens: int = 65_536  # ... this many tokens of them (+1/16 held out)
+    train_last_blocks: int | None = None   # train only the last N backbone blocks (+ noise)
+    grad_checkpoint: bool = False   # recompute block activations in backward: less memory
 
     def __post_init__(self) -> None:
+        if self.train_last_blocks is not None and self.train_last_blocks < 0:
+            raise KForcingError("train_last_blocks must be >= 0")
         if isinstance(self.student, dict):
             self.student = from_dict(StudentConfig, self.student)
         if self.k < 1 or self.k > self.student.max_k:
@@ -119,7 +126,7 @@ def resolve_student_dir(path: str | Path) -> Path:
     d = Path(path)
     if not d.exists():
         raise KForcingError(f"checkpoint not found: {path}")
-    if (d / STUDENT_JSON).is_file():
+    if (d / STUDENT_JSON).is_file() or _shared_kind(d) == "student":
         return d
     latest = d / "checkpoints" / "latest.json"
     if latest.is_file():
@@ -127,6 +134,11 @@ def resolve_student_dir(path: str | Path) -> Path:
         if (d / STUDENT_JSON).is_file():
             return d
     raise KForcingError(f"no K-Forcing student in {path}: expected {STUDENT_JSON}")
+
+
+def _shared_kind(d: Path) -> str | None:
+    from kforcing.share import shared_kind
+    return shared_kind(d)
 
 
 def is_student_dir(path: str | Path) -> bool:
@@ -140,6 +152,9 @@ def is_student_dir(path: str | Path) -> bool:
 def load_student(path: str | Path, device: str = "cpu") -> PushForward:
     """Rebuild a student from its directory (and its teacher, found through the saved path)."""
     d = resolve_student_dir(path)
+    if not (d / STUDENT_JSON).is_file():          # a self-contained kforcing.save directory
+        from kforcing.share import load
+        return load(d, device=device)
     meta = load_json(d / STUDENT_JSON)
     teacher = load_model(meta["teacher"], device=device)
     student = PushForward(teacher, from_dict(StudentConfig, meta["student"]))
@@ -152,6 +167,19 @@ def load_student(path: str | Path, device: str = "cpu") -> PushForward:
         raise KForcingError(f"{d / STUDENT_FILE} does not match its config: "
                             f"{str(e).splitlines()[0]}") from None
     return student.to(device).eval()
+
+
+def freeze_backbone(student: PushForward, last_blocks: int) -> None:
+    """Train only the last `last_blocks` blocks (+ final norm) of the student's backbone; the
+    noise encoder always trains. Gradients still flow back through the frozen blocks to the noise
+    encoder (noise tokens enter at the bottom), so this saves weight-gradient work and optimizer
+    memory, not the backward pass itself."""
+    bb = student.backbone
+    bb.requires_grad_(False)
+    for layer in bb.layers[len(bb.layers) - last_blocks:] if last_blocks else []:
+        layer.requires_grad_(True)
+    if last_blocks:
+        bb.norm.requires_grad_(True)
 
 
 # -- targets -----------------------------------------------------------------------------------
@@ -240,13 +268,19 @@ class Distiller:
         if cfg.init and cfg.target == "self-forcing" and 2 * self._prev_k() != cfg.k:
             raise KForcingError(f"self-forcing doubles k: init was trained at k="
                                 f"{self._prev_k()}, this stage has k={cfg.k}")
+        if cfg.train_last_blocks is not None:
+            freeze_backbone(self.student, cfg.train_last_blocks)
+        self.student.backbone.grad_checkpoint = cfg.grad_checkpoint
         self.student.train()
         noise_params = list(self.student.noise.parameters())
         backbone = [p for p in self.student.backbone.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
             [{"params": backbone, "lr": cfg.lr}, {"params": noise_params, "lr": cfg.noise_lr}],
             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-        data = Path(cfg.data)
+        if not cfg.data and not cfg.data_free:
+            raise KForcingError("no --data given: prepare a corpus with the teacher's tokenizer "
+                                "or pass --data-free to distill on the teacher's own samples")
+        data = Path(cfg.data) if cfg.data else self._teacher_samples()
         self.loader = BlockLoader(TokenFile(data / "train.bin"), block_size=cfg.block_size,
                                   batch_size=cfg.batch_size, seed=cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -257,6 +291,13 @@ class Distiller:
             self._resume()
         elif (self.out / "checkpoints" / "latest.json").exists():
             raise KForcingError(f"{self.out} already holds a run: pass --resume or another --out")
+
+    def _teacher_samples(self) -> Path:
+        """Data-free mode: a corpus of the teacher's own samples, cached next to the run."""
+        from kforcing.selfdata import teacher_corpus
+        return teacher_corpus(self.teacher, self.teacher_dir, self.out.parent / "teacher-samples",
+                              n_tokens=self.cfg.data_free_tokens, seq_len=2 * self.cfg.block_size,
+                              seed=self.cfg.seed, progress=self.progress)
 
     def _exact_k1(self) -> bool:
         s = self.cfg.student

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kforcing.config import ModelConfig
 from kforcing.errors import KForcingError
@@ -34,12 +35,25 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_len, head_dim) in the 'rotate half' layout Hugging Face Llama uses."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is not None:
+        inv_freq = _llama3_scaled(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1 long-context RoPE: slow (long-wavelength) frequencies divided by `factor`, fast
+    ones kept, a linear blend in between (measured in wavelengths of the original context)."""
+    ctx = s["original_max_position_embeddings"]
+    lo, hi, factor = s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+    wavelen = 2 * math.pi / inv_freq
+    blend = ((ctx / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)   # 0: fully scaled, 1: kept
+    return inv_freq / factor * (1 - blend) + inv_freq * blend
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,7 +69,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, q_dim + 2 * kv_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
         self.wo = nn.Linear(q_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -130,9 +144,10 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpoint = False   # training-time switch, not part of the config
         self.apply(self._init_weights)
         # scaled init of the residual projections (GPT-2 / nanoGPT)
         for name, p in self.named_parameters():
@@ -143,6 +158,8 @@ class Transformer(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -182,7 +199,11 @@ class Transformer(nn.Module):
         x = self.drop(x)
         store = commit != 0
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, store)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # recompute the block's activations in backward: memory O(1 block) per layer
+                x = checkpoint(layer, x, cos, sin, mask, cache, store, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, store)
         if cache is not None:
             cache.commit(T if commit is None else commit)
         if last_only:
