@@ -208,3 +208,34 @@ def test_generate_entry_point_and_errors(make_model):
     with pytest.raises(KForcingError, match="k must|k="):
         generate_lossless(tp, RAGGED, 6, k=5)
     assert generate_lossless(tp, RAGGED, 0).tokens == [[]] * len(RAGGED)
+
+
+@pytest.mark.parametrize("layout", ["shared", "teacher-preserving"])
+def test_cli_generate_and_chat_lossless_equal_the_teachers_ar(saved_tiny_model, tmp_path, capsys,
+                                                              layout):
+    import json
+
+    from kforcing.checkpoint import load_model
+    from kforcing.cli import main
+    from kforcing.distill import save_student
+
+    teacher = load_model(saved_tiny_model)
+    out = tmp_path / "student"
+    out.mkdir()
+    save_student(tiny_student(teacher, layout, "argmax"), out, saved_tiny_model)
+
+    def completions(*argv):
+        capsys.readouterr()
+        assert main(list(argv)) == 0
+        return [json.loads(line)["tokens"] for line in capsys.readouterr().out.splitlines()]
+
+    common = ["--prompt", "the river", "--prompt", "a small old door was", "--max-new-tokens",
+              "12", "--seed", "3", "--temperature", "0.9", "--json"]
+    ref = completions("generate", "--model", str(saved_tiny_model), *common)
+    assert completions("generate", "--model", str(out), "--lossless", "--k", "3", *common) == ref
+    chat = ["--prompt", "the river", "--max-new-tokens", "10", "--seed", "2"]
+    capsys.readouterr()
+    assert main(["chat", "--model", str(out), "--mode", "ar", *chat]) == 0
+    ar_reply = capsys.readouterr().out
+    assert main(["chat", "--model", str(out), "--mode", "lossless", "--k", "2", *chat]) == 0
+    assert capsys.readouterr().out == ar_reply

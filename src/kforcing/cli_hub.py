@@ -32,13 +32,39 @@ def cmd_save(args) -> None:
 
 # -- chat -----------------------------------------------------------------------------------------
 
+def _teacher(model, args):
+    """The AR teacher behind a student (the model itself when it is a plain model). A
+    teacher-preserving student holds it; a shared-layout student's backbone is fine-tuned, so
+    its teacher is loaded from the path the student recorded (once per chat)."""
+    if not hasattr(model, "window_pass"):
+        return model
+    if model.teacher is not None:
+        return model.teacher
+    if getattr(args, "_teacher", None) is None:
+        from kforcing.lossless import load_teacher_of
+        args._teacher = load_teacher_of(args.model)
+    return args._teacher
+
+
 def _decode_ar(model, ids: list[int], args, eos: int | None):
     from kforcing.generate import generate
     from kforcing.sampling import SamplingConfig
-    ctx = getattr(model, "context_model", model)       # a student's context model is its teacher
-    return generate(ctx, [ids], args.max_new_tokens, eos_id=eos, seed=args.seed,
-                    sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k,
-                                            top_p=args.top_p))
+    return generate(_teacher(model, args), [ids], args.max_new_tokens, eos_id=eos,
+                    seed=args.seed, sampling=SamplingConfig(
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
+
+
+def _decode_lossless(model, ids: list[int], args, eos: int | None):
+    from kforcing.generate import generate
+    from kforcing.sampling import SamplingConfig
+    if not hasattr(model, "window_pass"):
+        raise KForcingError("--mode lossless needs a K-Forcing student (it proposes, its "
+                            "teacher verifies); this is a plain AR model, use --mode ar")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              cdf_order=model.config.cdf_order)
+    teacher = None if model.teacher is not None else _teacher(model, args)
+    return generate(model, [ids], args.max_new_tokens, k=args.k, mode="lossless", eos_id=eos,
+                    seed=args.seed, sampling=sampling, teacher=teacher)
 
 
 def _decode_kforcing(model, ids: list[int], args, eos: int | None):
@@ -51,7 +77,8 @@ def _decode_kforcing(model, ids: list[int], args, eos: int | None):
 
 
 # one entry per decoder: adding a mode is one line here
-CHAT_MODES: dict[str, Callable] = {"ar": _decode_ar, "kforcing": _decode_kforcing}
+CHAT_MODES: dict[str, Callable] = {"ar": _decode_ar, "kforcing": _decode_kforcing,
+                                   "lossless": _decode_lossless}
 
 
 def _chat_setup(path: str) -> tuple[dict | None, Path]:
@@ -136,7 +163,8 @@ def register(sub, commands) -> None:
     sp = sub.add_parser("chat", help="chat with a teacher or student (uses its chat template)")
     sp.add_argument("--model", required=True, help="model, student or shareable directory")
     sp.add_argument("--mode", choices=list(CHAT_MODES), default="ar")
-    sp.add_argument("--k", type=int, default=None, help="tokens per pass (kforcing mode)")
+    sp.add_argument("--k", type=int, default=None,
+                    help="tokens per pass (kforcing and lossless modes)")
     sp.add_argument("--prompt", help="one message; without it, read messages from stdin")
     sp.add_argument("--system", help="system message (default: the template's own)")
     sp.add_argument("--max-new-tokens", type=int, default=128)
