@@ -17,6 +17,7 @@ from kforcing.data import TokenFile, cache_dir, load_tokenizer, prepare_corpus
 from kforcing.distill import DistillConfig, Distiller, load_student
 from kforcing.errors import KForcingError
 from kforcing.generate import generate_ar, generate_kforcing
+from kforcing.lossless import generate_lossless, load_teacher_of
 from kforcing.pushforward import StudentConfig
 from kforcing.sampling import SamplingConfig
 from kforcing.train import Trainer, evaluate_loss
@@ -80,6 +81,15 @@ def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "ru
     for p, a, b in zip(PROMPTS, ar.tokens, kfr.tokens, strict=True):
         print(f"  AR        > {p}{tok.decode(a, skip_special_tokens=True)}")
         print(f"  K-Forcing > {p}{tok.decode(b, skip_special_tokens=True)}\n")
+    # lossless: the student proposes, the teacher verifies with the same uniforms
+    teacher_ref = None if kf.teacher is not None else load_teacher_of(student_dir)
+    ll = generate_lossless(kf, ids, new_tokens, seed=0, stop_at_eos=False, teacher=teacher_ref,
+                           sampling=SamplingConfig(temperature=1.0,
+                                                   cdf_order=kf.config.cdf_order))
+    same = ll.tokens == ar.tokens if kf.config.cdf_order == "vocab" else None
+    print(f"  lossless mode (K-Forcing proposes, the teacher verifies): output identical to the "
+          f"AR samples above: {same}; {ll.extra['tokens_per_pass']:.2f} tokens per teacher "
+          f"pass\n")
     ar1 = generate_ar(model, ids[:1], new_tokens, sampling=SamplingConfig(temperature=1.0),
                       stop_at_eos=False)
     kf1 = generate_kforcing(kf, ids[:1], new_tokens, temperature=1.0, stop_at_eos=False)
@@ -87,6 +97,9 @@ def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "ru
                "batch3": {"ar_tokens_per_s": round(ar.tokens_per_second, 1),
                           "kforcing_tokens_per_s": round(kfr.tokens_per_second, 1),
                           "ar_passes": ar.forward_passes, "kforcing_passes": kfr.forward_passes},
+               "lossless": {"identical_to_ar": same,
+                            "tokens_per_s": round(ll.tokens_per_second, 1),
+                            "tokens_per_pass": round(ll.extra["tokens_per_pass"], 3)},
                "batch1": {"ar_tokens_per_s": round(ar1.tokens_per_second, 1),
                           "kforcing_tokens_per_s": round(kf1.tokens_per_second, 1)}}
     print(json.dumps(summary))
@@ -105,7 +118,8 @@ def _distill_chain(teacher: Path, data: Path, out: Path, minutes: float) -> Path
             print(f"[4/5] distillation k={k} ({i + 1}/3): {minutes:g} CPU minutes into {run}")
             cfg = DistillConfig(teacher=str(teacher), data=str(data), out_dir=str(run), k=k,
                                 init=None if prev is None else str(prev),
-                                student=StudentConfig(max_k=4), time_budget_min=minutes,
+                                student=StudentConfig(max_k=4, layout="teacher-preserving"),
+                                time_budget_min=minutes,
                                 eval_every_min=max(minutes / 2, 0.25), eval_contexts=32,
                                 ckpt_every=50)
             Distiller(cfg, resume=latest.exists()).fit()
