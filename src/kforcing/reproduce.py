@@ -219,16 +219,18 @@ def step_draft(cfg: ReproduceConfig, st: State) -> dict:
 
 
 def step_match(cfg: ReproduceConfig, st: State) -> dict:
+    from kforcing.checkpoint import load_model
     from kforcing.data import TokenFile
     from kforcing.distill import load_student
     from kforcing.evaluate import build_match_set, match_rates
     data = st.result("data")["dir"]
     split = TokenFile(Path(data) / "validation.bin")
     out, cmds = {}, []
+    teacher = load_model(st.result("teacher")["dir"])   # the reference is always the teacher
     for k in STAGE_KS:
         sdir = st.result(f"distill-k{k}")["dir"]
         student = load_student(sdir)
-        mset = build_match_set(student.context_model, split, k=k, block_size=64,
+        mset = build_match_set(teacher, split, k=k, block_size=64,
                                n_windows=cfg.match_windows, taus=[1.0, 0.7],
                                order=student.config.cdf_order, seed=0)
         out[str(k)] = match_rates(student, mset)
@@ -423,6 +425,14 @@ def speed_goals(rows: list[dict]) -> list[tuple[str, str, str]]:
         if kf1 and hf:
             out.append((f"K-Forcing k=4 vs transformers `generate` ({sampling}), same weights, "
                         ">= 10x at batch 1", f"{kf1 / hf:.2f}x", _verdict(kf1 / hf, 10.0)))
+    ll = {b: tps("lossless", b) / ar[b] for b in ar if tps("lossless", b)}
+    if ll:
+        acc = {r["batch_size"]: r.get("extra", {}).get("tokens_per_pass") for r in rows
+               if r["method"] == "lossless"}
+        out.append(("lossless (exact teacher samples) vs our AR >= 2x at batch 1",
+                    ", ".join(f"b{b}: {v:.2f}x" for b, v in sorted(ll.items()) if b <= 16)
+                    + (f"; tokens per teacher pass at b1: {acc[1]:.2f}" if acc.get(1) else ""),
+                    _verdict(ll[1], 2.0) if 1 in ll else "not measured"))
     hfa, hfg = tps("hf-assisted", 1), tps("hf-generate", 1, sampling="greedy")
     if hfa and hfg:
         out.append(("for comparison: transformers assisted generation vs `generate` (greedy) "
