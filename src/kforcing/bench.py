@@ -201,6 +201,16 @@ def _row(method: str, k: int | None, sampling: str, runs: list[Run], B: int, cfg
                     len(runs), [round(x, 2) for x in rates], machine, command, extra or {})
 
 
+def parse_tokens_at(text: str | None, flag: str) -> dict[int, int]:
+    """'64=64,256=32' -> {64: 64, 256: 32} (per batch size new-token counts)."""
+    if not text:
+        return {}
+    try:
+        return {int(b): int(n) for b, n in (p.split("=") for p in text.split(","))}
+    except ValueError:
+        raise KForcingError(f"{flag} expects BATCH=TOKENS pairs, e.g. 64=64,256=32") from None
+
+
 def _lossless_fn():
     try:
         from kforcing.lossless import generate_lossless
@@ -455,13 +465,7 @@ def main(args) -> None:
             methods += ("kforcing-auto",)
     if args.no_hf:
         methods = tuple(m for m in methods if not m.startswith("hf-"))
-    at = None
-    if args.new_tokens_at:
-        try:
-            at = {int(b): int(n) for b, n in (p.split("=") for p in args.new_tokens_at.split(","))}
-        except ValueError:
-            raise KForcingError("--new-tokens-at expects BATCH=TOKENS pairs, e.g. 64=64,256=32"
-                                ) from None
+    at = parse_tokens_at(args.new_tokens_at, "--new-tokens-at") or None
     cfg = BenchConfig(batch_sizes=_ints(args.batch_sizes, "--batch-sizes"),
                       prompt_len=args.prompt_len, new_tokens=args.new_tokens, new_tokens_at=at,
                       repeats=args.repeats, max_seconds=args.max_seconds, ks=ks or None,

@@ -9,7 +9,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    from kforcing.bench import _ints, command_line
+    from kforcing.bench import _ints, command_line, parse_tokens_at
     from kforcing.reproduce import ReproduceConfig, run_reproduce
     cfg = ReproduceConfig(
         out=args.out, results=args.results, results_dir=args.results_dir, source=args.source,
@@ -25,7 +25,8 @@ def cmd_reproduce(args) -> None:
                                 "prompts": args.eval_prompts}.items() if v is not None},
         bench_batch_sizes=_ints(args.bench_batch_sizes, "--bench-batch-sizes"),
         bench_new_tokens=args.bench_new_tokens, bench_repeats=args.bench_repeats,
-        bench_max_seconds=args.bench_max_seconds, progress=not args.quiet)
+        bench_max_seconds=args.bench_max_seconds, progress=not args.quiet,
+        bench_new_tokens_at=parse_tokens_at(args.bench_new_tokens_at, "--bench-new-tokens-at"))
     run_reproduce(cfg, command=command_line())
 
 
@@ -97,5 +98,8 @@ def register(sub, commands) -> None:
     sp.add_argument("--bench-new-tokens", type=int, default=r.bench_new_tokens)
     sp.add_argument("--bench-repeats", type=int, default=r.bench_repeats)
     sp.add_argument("--bench-max-seconds", type=float, default=r.bench_max_seconds)
+    sp.add_argument("--bench-new-tokens-at", default=",".join(
+        f"{b}={n}" for b, n in r.bench_new_tokens_at.items()),
+        help="per batch size new-token counts, e.g. 64=128,256=64 ('' for none)")
     sp.add_argument("--quiet", action="store_true")
     commands["reproduce"] = cmd_reproduce

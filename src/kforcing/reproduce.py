@@ -64,6 +64,8 @@ class ReproduceConfig:
     sample_tokens: int = 64
     bench_batch_sizes: tuple[int, ...] = (1, 4, 16, 64, 256)
     bench_new_tokens: int = 256
+    # fewer new tokens at large batches keeps the sweep near 20 CPU minutes
+    bench_new_tokens_at: dict[int, int] = field(default_factory=lambda: {64: 128, 256: 64})
     bench_repeats: int = 3
     bench_max_seconds: float | None = 60.0
     progress: bool = True
@@ -322,6 +324,8 @@ def step_bench(cfg: ReproduceConfig, st: State) -> dict:
     ddir = st.result("draft")["dir"]
     teacher, student, draft = load_models(tdir, sdir, ddir)
     bc = BenchConfig(batch_sizes=tuple(cfg.bench_batch_sizes), new_tokens=cfg.bench_new_tokens,
+                     new_tokens_at={int(b): n for b, n in cfg.bench_new_tokens_at.items()
+                                    if int(b) in cfg.bench_batch_sizes} or None,
                      repeats=cfg.bench_repeats, max_seconds=cfg.bench_max_seconds,
                      cache=cfg.cache)
     data = st.result("data")["dir"]
