@@ -186,6 +186,12 @@ def test_reproduce_smoke_and_resume(tiny_corpus, tmp_path, capsys):
     assert "kforcing reproduce (test)" in doc and "kforcing distill" in doc
     assert (tmp_path / "docs" / "results" / "bench.jsonl").is_file()
     assert (tmp_path / "docs" / "results" / "bench_speedup.png").is_file()
+    ev = json.loads((tmp_path / "docs" / "results" / "eval.json").read_text())
+    assert {"gen_ppl_teacher", "unigram_entropy", "judge_ppl"} <= set(ev["teacher"])
+    assert [s["k"] for s in ev["students"]] == [2, 4]
+    for s in ev["students"]:
+        assert {"k", "tau", "first_token_match", "joint_match", "per_position_match",
+                "gen_ppl_teacher", "unigram_entropy", "judge_ppl", "first_token_tv"} <= set(s)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     stamps = {n: s["finished_at"] for n, s in state["steps"].items()}
 
