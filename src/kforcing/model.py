@@ -72,25 +72,35 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
         self.wo = nn.Linear(q_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None, store: bool = True
-                ) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) -> q (B, H, T, D), k, v (B, Hkv, T, D), RoPE applied to q and k."""
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
         qk = apply_rope(qkv[:, :H + Hkv], cos, sin)       # rotate q and k in one go
-        q, k = qk[:, :H], qk[:, H:]                         # (B, H, T, D), (B, Hkv, T, D)
-        v = qkv[:, H + Hkv:]
-        if cache is not None:
-            k, v = cache.write(self.layer_idx, k, v, store)                       # (B, Hkv, S, D)
+        return qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, is_causal: bool = False) -> torch.Tensor:
+        """q (B, H, T, D) over k, v (B, Hkv, S, D) -> the output projection (B, T, dim)."""
+        B, _, T, _ = q.shape
         # dropout acts on the residual stream only: attention-probability dropout would force
         # SDPA's slow math path on CPU (2x slower training).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None, store: bool = True
+                ) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v, store)                       # (B, Hkv, S, D)
         # No mask and no cache means plain causal training; with a cache and T == 1 the new
         # token sees every cached slot, so no mask is needed either
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
-            enable_gqa=self.n_kv_head != self.n_head)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.attend(q, k, v, mask, is_causal=mask is None and cache is None
+                           and x.shape[1] > 1)
 
 
 class MLP(nn.Module):

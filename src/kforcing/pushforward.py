@@ -23,7 +23,7 @@ import torch.nn as nn
 from kforcing.errors import KForcingError
 from kforcing.kv_cache import KVCache
 from kforcing.masks import staircase
-from kforcing.model import RMSNorm, Transformer
+from kforcing.model import RMSNorm, Transformer, causal_mask
 from kforcing.sampling import CDF_ORDERS, inverse_cdf
 
 LAYOUTS = ("shared", "teacher-preserving")
@@ -256,7 +256,6 @@ def two_stream_pass(teacher: Transformer, backbone: Transformer, cache: KVCache,
     is saved. Returns the final hidden states (B, R, D) of the real (B, 1, D with last_only)
     and (B, n, D) of the noise tokens; commits R slots (the noise K/V stay in scratch slots the
     next pass overwrites)."""
-    from kforcing.model import apply_rope, causal_mask
 
     B, R = real.shape
     n = noise.shape[1]
@@ -279,21 +278,14 @@ def two_stream_pass(teacher: Transformer, backbone: Transformer, cache: KVCache,
                                 device=real.device)
         real_mask = real_mask.unsqueeze(1) if real_mask.dim() == 3 else real_mask
     noise_mask = full[..., R:, :]
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    cos_r, sin_r, cos_n, sin_n = cos[:, :, :R], sin[:, :, :R], cos[:, :, R:], sin[:, :, R:]
     x_r, x_n = teacher.tok_embeddings(real), noise
     for lt, lb in zip(teacher.layers, backbone.layers, strict=True):
-        at, ab = lt.attn, lb.attn
-        H, Hkv, D = at.n_head, at.n_kv_head, at.head_dim
-        qkv = torch.cat([at.wqkv(lt.attn_norm(x_r)), ab.wqkv(lb.attn_norm(x_n))], 1)
-        qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)
-        qk = apply_rope(qkv[:, :H + Hkv], cos, sin)
-        k, v = cache.write(at.layer_idx, qk[:, H:], qkv[:, H + Hkv:])
-        gqa = Hkv != H
-        y_r = sdpa(qk[:, :H, :R], k[:, :, :past + R], v[:, :, :past + R], attn_mask=real_mask,
-                   enable_gqa=gqa)
-        y_n = sdpa(qk[:, :H, R:], k, v, attn_mask=noise_mask, enable_gqa=gqa)
-        x_r = x_r + at.wo(y_r.transpose(1, 2).reshape(B, R, -1))
-        x_n = x_n + ab.wo(y_n.transpose(1, 2).reshape(B, n, -1))
+        q_r, k_r, v_r = lt.attn.project(lt.attn_norm(x_r), cos_r, sin_r)
+        q_n, k_n, v_n = lb.attn.project(lb.attn_norm(x_n), cos_n, sin_n)
+        k, v = cache.write(lt.attn.layer_idx, torch.cat([k_r, k_n], 2), torch.cat([v_r, v_n], 2))
+        x_r = x_r + lt.attn.attend(q_r, k[:, :, :past + R], v[:, :, :past + R], real_mask)
+        x_n = x_n + lb.attn.attend(q_n, k, v, noise_mask)
         x_r = x_r + lt.mlp(lt.mlp_norm(x_r))
         x_n = x_n + lb.mlp(lb.mlp_norm(x_n))
     cache.commit(R)
