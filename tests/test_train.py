@@ -368,3 +368,22 @@ def test_trainer_input_errors(tiny_corpus, tmp_path):
         Trainer(train_cfg(tiny_corpus, tmp_path / "b", model="gigantic"), progress=False)
     with pytest.raises(KForcingError, match="block_size 300 exceeds the model context 256"):
         Trainer(train_cfg(tiny_corpus, tmp_path / "c", block_size=300), progress=False)
+
+
+def test_atomic_writes_leave_normal_permissions_and_no_temp_files(make_model, tmp_path):
+    """Checkpoint files get the mode open() would give them (not mkstemp's 0600), so a
+    shared checkpoint directory is readable by others under the usual umask."""
+    import os
+    import stat
+
+    from kforcing.checkpoint import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        save_model(make_model(), tmp_path / "m")
+    finally:
+        os.umask(old)
+    for f in [tmp_path / "a.json", *(tmp_path / "m").iterdir()]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert not list(tmp_path.rglob("*.tmp"))
