@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench reproduce clean-venv
 
 $(STAMP): pyproject.toml requirements/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/kforcing bench --model runs/teacher-small --out docs/bench
+
+reproduce: $(STAMP)
+	$(BIN)/kforcing reproduce
 
 clean-venv:
 	rm -rf $(VENV)
