@@ -232,20 +232,5 @@ def auto_decoder(model, batch_size: int, *, model_dir: str | Path | None = None,
     choice = choose_k(model, batch_size, cache=cache)
     if choice.k > 1:
         return AutoDecoder(model, choice.k, choice)
+    from kforcing.distill import teacher_of
     return AutoDecoder(teacher_of(model, model_dir), None, choice)
-
-
-def teacher_of(student, student_dir: str | Path | None = None):
-    """The AR teacher behind a student: the frozen one it holds (teacher-preserving layout), else
-    the teacher checkpoint named in its student.json."""
-    if student.teacher is not None:
-        return student.teacher
-    if student_dir is None:
-        raise KForcingError("this shared-layout student holds no teacher: give its directory")
-    from kforcing.checkpoint import load_model
-    from kforcing.config import load_json
-    from kforcing.distill import STUDENT_JSON, resolve_student_dir
-
-    meta = load_json(resolve_student_dir(student_dir) / STUDENT_JSON)
-    device = next(student.parameters()).device
-    return load_model(meta["teacher"], device=device)

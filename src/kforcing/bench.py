@@ -441,8 +441,7 @@ def load_models(model: str | None, student: str | None, draft: str | None):
     from kforcing.checkpoint import load_model
     kf = teach = None
     if student:
-        from kforcing.autok import teacher_of
-        from kforcing.distill import load_student
+        from kforcing.distill import load_student, teacher_of
         kf = load_student(student)
         teach = teacher_of(kf, student) if not model else None
     if model:

@@ -128,12 +128,10 @@ def cmd_generate(args) -> None:
     if args.lossless:   # the student proposes, its teacher verifies: the teacher's exact samples
         if not hasattr(model, "window_pass"):
             raise KForcingError("--lossless needs a K-Forcing student (its teacher verifies)")
+        from kforcing.distill import teacher_of
         kw = {"sampling": SamplingConfig(temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, cdf_order=model.config.cdf_order),
-              "mode": "lossless"}
-        if model.teacher is None:   # shared layout: the teacher is a separate model
-            from kforcing.lossless import load_teacher_of
-            kw["teacher"] = load_teacher_of(args.model, device=args.device)
+              "mode": "lossless", "teacher": teacher_of(model, args.model)}
     res = generate(model, ids, args.max_new_tokens, k=k, seed=args.seed, **kw)
     for prompt, new in zip(prompts, res.tokens, strict=True):
         text = tok.decode(new, skip_special_tokens=True)
@@ -165,9 +163,8 @@ def cmd_distill(args) -> None:
 
 def cmd_match(args) -> None:
     from kforcing.data import TokenFile
-    from kforcing.distill import load_student
+    from kforcing.distill import load_student, teacher_of
     from kforcing.evaluate import build_match_set, match_rates
-    from kforcing.lossless import load_teacher_of
     from kforcing.pushforward import check_k
     student = load_student(args.student, device=args.device)
     k = args.k or student.config.max_k
@@ -176,8 +173,7 @@ def cmd_match(args) -> None:
     taus = [float(t) for t in args.taus.split(",")]
     # the reference is the teacher itself: in the shared layout the student's context model is
     # its own fine-tuned backbone, not the teacher
-    teacher = student.teacher if student.teacher is not None else load_teacher_of(
-        args.student, device=args.device)
+    teacher = teacher_of(student, args.student)
     mset = build_match_set(teacher, split, k=k, block_size=args.block_size,
                            n_windows=args.windows, taus=taus, order=student.config.cdf_order,
                            seed=args.seed, device=args.device)

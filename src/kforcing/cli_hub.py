@@ -38,11 +38,9 @@ def _teacher(model, args):
     its teacher is loaded from the path the student recorded (once per chat)."""
     if not hasattr(model, "window_pass"):
         return model
-    if model.teacher is not None:
-        return model.teacher
     if getattr(args, "_teacher", None) is None:
-        from kforcing.lossless import load_teacher_of
-        args._teacher = load_teacher_of(args.model)
+        from kforcing.distill import teacher_of
+        args._teacher = teacher_of(model, args.model)
     return args._teacher
 
 
@@ -62,9 +60,8 @@ def _decode_lossless(model, ids: list[int], args, eos: int | None):
                             "teacher verifies); this is a plain AR model, use --mode ar")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               cdf_order=model.config.cdf_order)
-    teacher = None if model.teacher is not None else _teacher(model, args)
     return generate(model, [ids], args.max_new_tokens, k=args.k, mode="lossless", eos_id=eos,
-                    seed=args.seed, sampling=sampling, teacher=teacher)
+                    seed=args.seed, sampling=sampling, teacher=_teacher(model, args))
 
 
 def _decode_kforcing(model, ids: list[int], args, eos: int | None):

@@ -14,10 +14,10 @@ from pathlib import Path
 from kforcing.checkpoint import atomic_write_json, load_model, resolve_model_dir
 from kforcing.config import TrainConfig
 from kforcing.data import TokenFile, cache_dir, load_tokenizer, prepare_corpus
-from kforcing.distill import DistillConfig, Distiller, load_student
+from kforcing.distill import DistillConfig, Distiller, load_student, teacher_of
 from kforcing.errors import KForcingError
 from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.lossless import generate_lossless, load_teacher_of
+from kforcing.lossless import generate_lossless
 from kforcing.pushforward import StudentConfig
 from kforcing.sampling import SamplingConfig
 from kforcing.train import Trainer, evaluate_loss
@@ -82,8 +82,8 @@ def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "ru
         print(f"  AR        > {p}{tok.decode(a, skip_special_tokens=True)}")
         print(f"  K-Forcing > {p}{tok.decode(b, skip_special_tokens=True)}\n")
     # lossless: the student proposes, the teacher verifies with the same uniforms
-    teacher_ref = None if kf.teacher is not None else load_teacher_of(student_dir)
-    ll = generate_lossless(kf, ids, new_tokens, seed=0, stop_at_eos=False, teacher=teacher_ref,
+    ll = generate_lossless(kf, ids, new_tokens, seed=0, stop_at_eos=False,
+                           teacher=teacher_of(kf, student_dir),
                            sampling=SamplingConfig(temperature=1.0,
                                                    cdf_order=kf.config.cdf_order))
     same = ll.tokens == ar.tokens if kf.config.cdf_order == "vocab" else None

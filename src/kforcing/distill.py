@@ -182,6 +182,18 @@ def freeze_backbone(student: PushForward, last_blocks: int) -> None:
         bb.norm.requires_grad_(True)
 
 
+def teacher_of(student: PushForward, student_dir: str | Path | None = None):
+    """The AR teacher behind a student: the frozen one it holds (teacher-preserving layout),
+    else the teacher checkpoint named in its student.json (a shared-layout student's backbone
+    is fine-tuned, so it is not the teacher)."""
+    if student.teacher is not None:
+        return student.teacher
+    if student_dir is None:
+        raise KForcingError("this shared-layout student holds no teacher: give its directory")
+    meta = load_json(resolve_student_dir(student_dir) / STUDENT_JSON)
+    return load_model(meta["teacher"], device=next(student.parameters()).device)
+
+
 # -- targets -----------------------------------------------------------------------------------
 
 @torch.no_grad()

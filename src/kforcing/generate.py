@@ -217,7 +217,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, k: int | N
             raise KForcingError("lossless mode needs a K-Forcing student (it proposes, its "
                                 "teacher verifies)")
         from kforcing.lossless import generate_lossless
-        kw.pop("frequency_penalty", None) and _no_penalty()
+        if kw.pop("frequency_penalty", 0.0):
+            raise KForcingError("lossless mode samples the teacher's exact distribution: a "
+                                "frequency penalty would change it")
         return generate_lossless(model, prompts, max_new_tokens, k=k, **kw)
     if isinstance(model, PushForward):
         sampling = kw.pop("sampling", None)
@@ -228,7 +230,3 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, k: int | N
         raise KForcingError(f"k={k} needs a K-Forcing student; this is a plain AR model")
     return generate_ar(model, prompts, max_new_tokens, **kw)
 
-
-def _no_penalty() -> None:
-    raise KForcingError("lossless mode samples the teacher's exact distribution: a frequency "
-                        "penalty would change it")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -39,16 +38,6 @@ def uniform_stream(batch: int, length: int, gen: torch.Generator) -> torch.Tenso
     if length == 0:
         return torch.empty(0, batch, dtype=torch.float64)
     return torch.stack([uniforms((batch,), gen) for _ in range(length)])
-
-
-def load_teacher_of(student_path: str | Path, device: str = "cpu"):
-    """The teacher a student was distilled from (its path is recorded in student.json)."""
-    from kforcing.checkpoint import load_model
-    from kforcing.config import load_json
-    from kforcing.distill import STUDENT_JSON, resolve_student_dir
-
-    meta = load_json(resolve_student_dir(student_path) / STUDENT_JSON)
-    return load_model(meta["teacher"], device=device).eval()
 
 
 @torch.inference_mode()
@@ -85,7 +74,7 @@ def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
         teacher = student.teacher
     elif teacher is None:
         raise KForcingError("lossless mode with a shared-layout student needs its teacher "
-                            "(teacher=..., or load it with load_teacher_of(student_dir))")
+                            "(teacher=..., e.g. distill.teacher_of(student, student_dir))")
     if teacher.config.vocab_size != mcfg.vocab_size:
         raise KForcingError(f"teacher vocabulary {teacher.config.vocab_size} != student "
                             f"vocabulary {mcfg.vocab_size}: not this student's teacher")

@@ -174,6 +174,14 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def rope(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, D) at positions (B, T); a clear error past the context."""
+        if input_pos.numel() and int(input_pos.max()) >= self.config.max_seq_len:
+            raise KForcingError(
+                f"position {int(input_pos.max())} exceeds the model's context of "
+                f"{self.config.max_seq_len} tokens")
+        return self.rope_cos[input_pos].unsqueeze(1), self.rope_sin[input_pos].unsqueeze(1)
+
     def forward(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, commit: int | None = None,
@@ -195,12 +203,7 @@ class Transformer(nn.Module):
             input_pos = torch.arange(past, past + T, device=x.device)
         if input_pos.dim() == 1:
             input_pos = input_pos.unsqueeze(0).expand(B, T)
-        if T and int(input_pos.max()) >= self.config.max_seq_len:
-            raise KForcingError(
-                f"position {int(input_pos.max())} exceeds the model's context of "
-                f"{self.config.max_seq_len} tokens")
-        cos = self.rope_cos[input_pos].unsqueeze(1)                    # (B, 1, T, D)
-        sin = self.rope_sin[input_pos].unsqueeze(1)
+        cos, sin = self.rope(input_pos)
         if mask is None and cache is not None and (T > 1 or cache.has_padding):
             valid = cache.valid[:, :past + T] if cache.has_padding else None
             mask = causal_mask(T, past, valid, device=x.device)

@@ -261,13 +261,7 @@ def two_stream_pass(teacher: Transformer, backbone: Transformer, cache: KVCache,
     n = noise.shape[1]
     T, past = R + n, cache.length
     cache.check_room(T)
-    pos = torch.cat([real_pos, noise_pos], 1)
-    limit = teacher.config.max_seq_len
-    if int(pos.max()) >= limit:
-        raise KForcingError(f"position {int(pos.max())} exceeds the model's context of "
-                            f"{limit} tokens")
-    cos = teacher.rope_cos[pos].unsqueeze(1)
-    sin = teacher.rope_sin[pos].unsqueeze(1)
+    cos, sin = teacher.rope(torch.cat([real_pos, noise_pos], 1))
     valid = cache.valid[:, :past + T] if cache.has_padding else None
     full = causal_mask(T, past, valid, device=real.device)
     full = full.unsqueeze(1) if full.dim() == 3 else full
