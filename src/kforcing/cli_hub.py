@@ -78,9 +78,9 @@ CHAT_MODES: dict[str, Callable] = {"ar": _decode_ar, "kforcing": _decode_kforcin
                                    "lossless": _decode_lossless}
 
 
-def _chat_setup(path: str) -> tuple[dict | None, Path]:
-    """(tokenizer_config with a chat template or None, the directory it came from): the model's
-    own directory first, then a student's teacher."""
+def _chat_setup(path: str) -> dict | None:
+    """The tokenizer_config with a chat template, or None: the model's own directory first,
+    then a student's teacher."""
     from kforcing.checkpoint import resolve_model_dir
     from kforcing.config import load_json
     from kforcing.distill import STUDENT_JSON, is_student_dir, resolve_student_dir
@@ -95,20 +95,20 @@ def _chat_setup(path: str) -> tuple[dict | None, Path]:
         dirs.append(resolve_model_dir(path))
     for d in dirs:
         if (d / "tokenizer_config.json").is_file():
-            return chat_template(d), d
-    return None, dirs[0]
+            return chat_template(d)
+    return None
 
 
 def cmd_chat(args) -> None:
     from kforcing.cli import _load
     from kforcing.hub import render_chat
     model, tok = _load(args, allow_student=True)
-    tok_cfg, _ = _chat_setup(args.model)
+    tok_cfg = _chat_setup(args.model)
     mcfg = getattr(model, "model_config", None) or model.config
     eos = mcfg.eos_id
     if tok_cfg and tok_cfg.get("eos_token"):
-        eos = tok.token_to_id(tok_cfg["eos_token"]) if tok.token_to_id(tok_cfg["eos_token"]) \
-            is not None else eos
+        i = tok.token_to_id(tok_cfg["eos_token"])
+        eos = i if i is not None else eos
     decode = CHAT_MODES[args.mode]
     history: list[dict[str, str]] = []
     if args.system:

@@ -262,7 +262,9 @@ class Distiller:
                     self.prev.config.head != cfg.student.head:
                 raise KForcingError("a stage must keep the previous stage's layout and head")
             # the new stage starts from a trainable copy of the frozen previous stage
-            self.student = copy.deepcopy(self.prev)
+            # (sharing, not copying, the frozen teacher a teacher-preserving student holds)
+            t = self.prev.teacher
+            self.student = copy.deepcopy(self.prev, {id(t): t} if t is not None else None)
             self.student.backbone.requires_grad_(True)
             self.student.noise.requires_grad_(True)
             self.student.config = cfg.student

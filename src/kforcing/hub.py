@@ -269,9 +269,3 @@ def render_chat(tok_cfg: dict[str, Any], messages: list[dict[str, str]],
                                ("bos_token", "eos_token", "pad_token", "unk_token")})
     except TemplateError as e:
         raise KForcingError(f"chat template failed: {e}") from None
-
-
-def teacher_info(model_dir: str | Path) -> dict[str, Any]:
-    """The import provenance ("source") and chat settings stored in a model's config.json."""
-    cfg = load_json(resolve_model_dir(model_dir) / CONFIG_FILE)
-    return {k: cfg[k] for k in ("source", "chat") if k in cfg}

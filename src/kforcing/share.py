@@ -39,6 +39,7 @@ from kforcing.checkpoint import (
     resolve_model_dir,
 )
 from kforcing.config import ModelConfig, from_dict, load_json
+from kforcing.distill import _student_state
 from kforcing.errors import KForcingError
 from kforcing.model import Transformer
 from kforcing.pushforward import PushForward, StudentConfig
@@ -55,8 +56,7 @@ def save(obj: Transformer | PushForward | str | Path, path: str | Path) -> Path:
     info = _describe(obj)
     model = info["object"]
     if isinstance(model, PushForward):
-        tensors = {k: v for k, v in model.state_dict().items()
-                   if not (model.model_config.tie_embeddings and k == "backbone.output.weight")}
+        tensors = _student_state(model)
         if model.teacher is not None:
             tensors.update({f"teacher.{k}": v for k, v in model_state(model.teacher).items()})
         config = {"kind": "student", "model": asdict(model.model_config),
