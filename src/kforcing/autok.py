@@ -26,6 +26,7 @@ import torch
 
 from kforcing.checkpoint import atomic_write_json
 from kforcing.errors import KForcingError
+from kforcing.generate import _sync_fn
 from kforcing.kv_cache import KVCache
 from kforcing.sampling import SamplingConfig, make_generator, sample, uniforms
 
@@ -66,11 +67,6 @@ def bucket(batch_size: int) -> int:
 
 # -- calibration ---------------------------------------------------------------------------------
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.inference_mode()
 def time_passes(student, batch_size: int, ks: list[int], context: int = CONTEXT,
                 steps: int = 4, seed: int = 0) -> dict[int, float]:
@@ -79,6 +75,7 @@ def time_passes(student, batch_size: int, ks: list[int], context: int = CONTEXT,
     ctx = student.context_model
     cfg = ctx.config
     device = next(ctx.parameters()).device
+    sync = _sync_fn(device)
     kmax = max(ks)
     if context + (steps + 1) * kmax + 2 * kmax > cfg.max_seq_len:
         context = max(1, cfg.max_seq_len - (steps + 1) * kmax - 2 * kmax)
@@ -106,7 +103,7 @@ def time_passes(student, batch_size: int, ks: list[int], context: int = CONTEXT,
                 u = uniforms((batch_size, k), gen).to(device)
                 student.window_pass(cache, real, real_pos, u, tau)
                 last = real_pos[:, -1:]
-            _sync(device)
+            sync()
             times.append(time.perf_counter() - t)
         out[k] = statistics.median(times[1:])
     return out

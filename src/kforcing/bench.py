@@ -34,6 +34,7 @@ from kforcing.autok import choose_k, machine_info
 from kforcing.checkpoint import atomic_write_bytes, atomic_write_json
 from kforcing.errors import KForcingError
 from kforcing.generate import generate_ar, generate_kforcing
+from kforcing.lossless import generate_lossless
 from kforcing.model import Transformer
 from kforcing.sampling import SamplingConfig
 
@@ -211,24 +212,6 @@ def parse_tokens_at(text: str | None, flag: str) -> dict[int, int]:
         raise KForcingError(f"{flag} expects BATCH=TOKENS pairs, e.g. 64=64,256=32") from None
 
 
-def _lossless_fn():
-    try:
-        from kforcing.lossless import generate_lossless
-    except ImportError as e:
-        return None, f"kforcing.lossless not available ({e})"
-    return generate_lossless, ""
-
-
-def _mean_accepted(extra: dict) -> float | None:
-    acc = extra.get("accepted_per_pass")
-    if acc is None:
-        return None
-    if isinstance(acc, (int, float)):
-        return float(acc)
-    flat = [float(a) for a in (acc if not isinstance(acc[0], list) else sum(acc, []))]
-    return sum(flat) / len(flat) if flat else None
-
-
 # -- the benchmark ------------------------------------------------------------------------------
 
 def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None = None,
@@ -267,12 +250,6 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
         ks = sorted(cfg.ks or [k for k in (1, 2, 4, 8) if k <= max_k])
         if max(ks) > max_k:
             raise KForcingError(f"k={max(ks)} exceeds the student's max_k={max_k}")
-    lossless = None
-    if "lossless" in methods:
-        lossless, why = _lossless_fn()
-        if lossless is None:
-            skip("lossless", why)
-            methods.discard("lossless")
     hf_teacher = hf_draft = None
     if methods & {"hf-generate", "hf-assisted"}:
         from kforcing.hf import to_hf_model
@@ -334,12 +311,13 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
         if method == "lossless":
             # a teacher-preserving student verifies with the teacher it holds
             verifier = None if student.teacher is not None else teacher
-            runs = go(_ours(lambda n: lossless(student, prompts, n, temperature=T, seed=seed,
-                                               stop_at_eos=False, teacher=verifier)))
-            acc = [a for a in (_mean_accepted(r.extra) for r in runs) if a is not None]
+            runs = go(_ours(lambda n: generate_lossless(
+                student, prompts, n, temperature=T, seed=seed, stop_at_eos=False,
+                teacher=verifier)))
             last = runs[-1].extra
             return row("lossless", student.config.max_k, "sample", runs,
-                       {"mean_accepted_per_pass": statistics.mean(acc) if acc else None,
+                       {"mean_accepted_per_pass": statistics.mean(
+                           r.extra["accepted_per_pass"] for r in runs),
                         "tokens_per_pass": last.get("tokens_per_pass"),
                         "passes_per_token": last.get("passes_per_token"),
                         "fused": last.get("fused")})

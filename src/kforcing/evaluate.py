@@ -270,11 +270,7 @@ def load_judge(spec: str, cache: str | Path | None = None, device: str = "cpu"):
     description)."""
     if spec == "none":
         return None, None
-    try:
-        from kforcing.hub import fetch_smollm2, load_gguf
-    except ImportError:
-        raise KForcingError("the judge needs kforcing.hub (fetch_smollm2, load_gguf), which this "
-                            "install lacks; use --judge none") from None
+    from kforcing.hub import fetch_smollm2, load_gguf
     if spec == "smollm2":
         path = Path(fetch_smollm2(cache=cache))
     else:
