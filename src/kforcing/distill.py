@@ -176,7 +176,7 @@ def freeze_backbone(student: PushForward, last_blocks: int) -> None:
     memory, not the backward pass itself."""
     bb = student.backbone
     bb.requires_grad_(False)
-    for layer in bb.layers[len(bb.layers) - last_blocks:] if last_blocks else []:
+    for layer in bb.layers[max(0, len(bb.layers) - last_blocks):] if last_blocks else []:
         layer.requires_grad_(True)
     if last_blocks:
         bb.norm.requires_grad_(True)
@@ -190,7 +190,11 @@ def teacher_of(student: PushForward, student_dir: str | Path | None = None):
         return student.teacher
     if student_dir is None:
         raise KForcingError("this shared-layout student holds no teacher: give its directory")
-    meta = load_json(resolve_student_dir(student_dir) / STUDENT_JSON)
+    d = resolve_student_dir(student_dir)
+    if not (d / STUDENT_JSON).is_file():   # a self-contained shareable directory
+        raise KForcingError(f"{student_dir} is a shared-layout student saved without its "
+                            "teacher: load the teacher separately (e.g. kforcing import)")
+    meta = load_json(d / STUDENT_JSON)
     return load_model(meta["teacher"], device=next(student.parameters()).device)
 
 
