@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kforcing.config import ModelConfig
-from kforcing.data import PreparedCorpus, eos_id, load_tokenizer, prepare_corpus
-from kforcing.model import Transformer
+from kforcing.core.config import ModelConfig
+from kforcing.io.data import PreparedCorpus, eos_id, load_tokenizer, prepare_corpus
+from kforcing.core.model import Transformer
 
 # The tests are tiny; one thread avoids fighting over the cores with anything else running, and
 # keeps every floating-point reduction in a fixed order.
@@ -74,7 +74,7 @@ def tiny_tokenizer(tiny_corpus):
 @pytest.fixture(scope="session")
 def saved_tiny_model(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     """A saved `tiny` model directory (max_seq_len 32) with the corpus tokenizer next to it."""
-    from kforcing.checkpoint import save_model
+    from kforcing.io.checkpoint import save_model
 
     cfg = ModelConfig.preset(
         "tiny",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kforcing.autok import (
+from kforcing.decoding.autok import (
     auto_decoder,
     bucket,
     candidate_ks,
@@ -17,11 +17,11 @@ from kforcing.autok import (
     measure_tokens_per_s,
     pick_k,
 )
-from kforcing.bench import METHODS, BenchConfig, read_rows, run_bench, write_results
-from kforcing.cli import main
-from kforcing.distill import save_student
+from kforcing.evaluation.bench import METHODS, BenchConfig, read_rows, run_bench, write_results
+from kforcing.cli.main import main
+from kforcing.training.distill import save_student
 from kforcing.errors import KForcingError
-from kforcing.pushforward import PushForward, StudentConfig
+from kforcing.students.pushforward import PushForward, StudentConfig
 
 
 def tiny_student(teacher, layout="teacher-preserving", max_k=4) -> PushForward:
@@ -32,7 +32,7 @@ def tiny_student(teacher, layout="teacher-preserving", max_k=4) -> PushForward:
 
 @pytest.fixture
 def student_dir(saved_tiny_model, tmp_path) -> Path:
-    from kforcing.checkpoint import load_model
+    from kforcing.io.checkpoint import load_model
     out = tmp_path / "student"
     save_student(tiny_student(load_model(saved_tiny_model)), out, saved_tiny_model)
     return out
@@ -168,7 +168,7 @@ def test_bench_cli_without_student(capsys, saved_tiny_model, tmp_path):
 # -- reproduce -----------------------------------------------------------------------------------
 
 def test_reproduce_smoke_and_resume(tiny_corpus, tmp_path, capsys):
-    from kforcing.reproduce import STEPS, ReproduceConfig, run_reproduce
+    from kforcing.recipes.reproduce import STEPS, ReproduceConfig, run_reproduce
     cfg = ReproduceConfig(
         out=str(tmp_path / "run"), results=str(tmp_path / "docs" / "RESULTS.md"),
         results_dir=str(tmp_path / "docs" / "results"), data=str(tiny_corpus.dir),

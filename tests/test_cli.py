@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kforcing.cli import main
+from kforcing.cli.main import main
 
 
 def one_error_line(err: str) -> str:

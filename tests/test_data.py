@@ -1,4 +1,4 @@
-"""Tests for kforcing.data: tiny corpora in tmp_path, no network (except the one marked test)."""
+"""Tests for kforcing.io.data: tiny corpora in tmp_path, no network (except the one marked test)."""
 
 import io
 import json
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from kforcing import data
-from kforcing.data import (
+from kforcing.io import data
+from kforcing.io.data import (
     EOS_TOKEN,
     BlockLoader,
     Document,

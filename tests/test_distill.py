@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kforcing.checkpoint import load_model
-from kforcing.distill import (
+from kforcing.io.checkpoint import load_model
+from kforcing.training.distill import (
     STUDENT_FILE,
     STUDENT_JSON,
     DistillConfig,
@@ -20,8 +20,8 @@ from kforcing.distill import (
     load_student,
 )
 from kforcing.errors import KForcingError
-from kforcing.pushforward import StudentConfig
-from kforcing.sampling import SamplingConfig, inverse_cdf, sample
+from kforcing.students.pushforward import StudentConfig
+from kforcing.core.sampling import SamplingConfig, inverse_cdf, sample
 
 ORDERS = ("vocab", "sorted")
 TAU = torch.tensor([1.0, 0.6], dtype=torch.float64)
@@ -389,9 +389,9 @@ def test_exact_k1_map_gives_ar_rollout_targets_for_k2(
 def test_match_rates_of_a_perfect_map_are_one(teacher, tiny_corpus, order):
     """teacher-preserving + inverse-cdf at k=1 samples exactly like the teacher: match 1.0,
     while a shared argmax student with a random noise encoder does not."""
-    from kforcing.data import TokenFile
-    from kforcing.evaluate import build_match_set, match_rates
-    from kforcing.pushforward import PushForward
+    from kforcing.io.data import TokenFile
+    from kforcing.evaluation.evaluate import build_match_set, match_rates
+    from kforcing.students.pushforward import PushForward
 
     split = TokenFile(tiny_corpus.validation)
     mset = build_match_set(teacher, split, k=1, block_size=16, n_windows=32,

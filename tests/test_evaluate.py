@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kforcing.checkpoint import load_model
-from kforcing.cli import main
-from kforcing.data import TokenFile
-from kforcing.distill import save_student, teacher_conditionals
-from kforcing.evaluate import (
+from kforcing.io.checkpoint import load_model
+from kforcing.cli.main import main
+from kforcing.io.data import TokenFile
+from kforcing.training.distill import save_student, teacher_conditionals
+from kforcing.evaluation.evaluate import (
     EvalConfig,
     build_eval_set,
     distinct_n,
@@ -30,7 +30,7 @@ from kforcing.evaluate import (
     rollout_kforcing,
     unigram_entropy,
 )
-from kforcing.pushforward import PushForward, StudentConfig, WindowOutput
+from kforcing.students.pushforward import PushForward, StudentConfig, WindowOutput
 
 # the saved tiny model has a 32-token context: prompt 8 + 12 new tokens + windows fit
 SMALL = dict(prompts=6, prompt_len=8, new_tokens=12, context_len=16, windows=32, tv_contexts=3,

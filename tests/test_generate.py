@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kforcing.errors import KForcingError
-from kforcing.generate import generate, generate_ar
-from kforcing.kv_cache import KVCache
-from kforcing.sampling import SamplingConfig, make_generator, sample, uniforms
+from kforcing.decoding.generate import generate, generate_ar
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.sampling import SamplingConfig, make_generator, sample, uniforms
 
 GREEDY = SamplingConfig(temperature=0.0)
 PROMPTS = [[5, 17, 200], [1, 2, 3, 4, 5, 6, 7], [250, 9, 9, 31, 64]]

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from kforcing.config import ModelConfig
+from kforcing.core.config import ModelConfig
 from kforcing.errors import KForcingError
-from kforcing.model import Transformer
+from kforcing.core.model import Transformer
 
 transformers = pytest.importorskip("transformers")
-from kforcing.hf import (  # noqa: E402
+from kforcing.io.hf import (  # noqa: E402
     config_from_hf,
     export_hf,
     from_hf_model,
@@ -62,7 +62,7 @@ def test_export_dir_loads_in_transformers_and_imports_back(tmp_path):
     re = load_hf_dir(tmp_path / "hf")
     assert re.config == ours.config
     out = import_hf_dir(tmp_path / "hf", tmp_path / "ours")
-    from kforcing.checkpoint import load_model
+    from kforcing.io.checkpoint import load_model
     with torch.no_grad():
         assert torch.equal(load_model(out)(ids), ours(ids))
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import kforcing
-from kforcing.checkpoint import load_model
+from kforcing.io.checkpoint import load_model
 from kforcing.errors import KForcingError
 
 transformers = pytest.importorskip("transformers")
-from kforcing.hf import from_hf_model, to_hf_model  # noqa: E402
-from kforcing.hub import import_teacher, load_gguf, render_chat  # noqa: E402
+from kforcing.io.hf import from_hf_model, to_hf_model  # noqa: E402
+from kforcing.io.hub import import_teacher, load_gguf, render_chat  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
                  "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
@@ -51,8 +51,8 @@ def _same_as_hf(hf, ours, vocab=128, new=12):
     ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
-    from kforcing.generate import generate_ar
-    from kforcing.sampling import SamplingConfig
+    from kforcing.decoding.generate import generate_ar
+    from kforcing.core.sampling import SamplingConfig
     prompt = ids[:1, :8]
     ref = hf.generate(prompt, max_new_tokens=new, do_sample=False, eos_token_id=None,
                       pad_token_id=0)[0, 8:].tolist()
@@ -91,7 +91,7 @@ def test_llama3_rope_scaling_matches_transformers():
 def test_default_path_has_no_bias_and_old_configs_load(make_model, tmp_path):
     model = make_model()
     assert model.layers[0].attn.wqkv.bias is None
-    from kforcing.checkpoint import save_model
+    from kforcing.io.checkpoint import save_model
     save_model(model, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     # a checkpoint written before these fields existed still loads
@@ -174,7 +174,7 @@ def _write_gguf(path, hf, tokenizer_json: dict, arch: str = "llama"):
 def tiny_gguf(tmp_path, tiny_corpus):
     from tokenizers import AddedToken
 
-    from kforcing.data import load_tokenizer
+    from kforcing.io.data import load_tokenizer
     tok = load_tokenizer(tiny_corpus.tokenizer_path)
     tok.add_special_tokens([AddedToken("<|im_start|>", special=True),
                             AddedToken("<|im_end|>", special=True)])
@@ -206,7 +206,7 @@ def test_gguf_import_matches_source_model_and_tokenizer(tiny_gguf, tmp_path):
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_cfg["chat_template"] == CHAT_TEMPLATE
     # our tokenizer.json encodes and renders the chat exactly like transformers' tokenizer
-    from kforcing.data import load_tokenizer
+    from kforcing.io.data import load_tokenizer
     tok = load_tokenizer(out)
     msgs = [{"role": "user", "content": "The river was quiet."}]
     text = render_chat(tok_cfg, msgs)
@@ -233,7 +233,7 @@ def test_gguf_other_architecture_and_corrupt_file(tmp_path):
 # -- shareable checkpoints ------------------------------------------------------------------------
 
 def _student(saved_tiny_model, layout):
-    from kforcing.pushforward import PushForward, StudentConfig
+    from kforcing.students.pushforward import PushForward, StudentConfig
     teacher = load_model(saved_tiny_model)
     torch.manual_seed(3)
     student = PushForward(teacher, StudentConfig(max_k=2, layout=layout, head="inverse-cdf"))
@@ -245,7 +245,7 @@ def _student(saved_tiny_model, layout):
 
 @pytest.mark.parametrize("layout", ["shared", "teacher-preserving"])
 def test_save_load_reproduces_generation_bit_for_bit(saved_tiny_model, tmp_path, layout):
-    from kforcing.generate import generate
+    from kforcing.decoding.generate import generate
     student = _student(saved_tiny_model, layout)
     out = kforcing.save(student, tmp_path / "shared")
     for name in ("config.json", "model.safetensors", "README.md"):
@@ -260,9 +260,9 @@ def test_save_load_reproduces_generation_bit_for_bit(saved_tiny_model, tmp_path,
 
 
 def test_save_from_a_distillation_run_records_training(saved_tiny_model, tiny_corpus, tmp_path):
-    from kforcing.distill import DistillConfig, distill, load_student
-    from kforcing.generate import generate
-    from kforcing.pushforward import StudentConfig
+    from kforcing.training.distill import DistillConfig, distill, load_student
+    from kforcing.decoding.generate import generate
+    from kforcing.students.pushforward import StudentConfig
     cfg = DistillConfig(teacher=str(saved_tiny_model), data=str(tiny_corpus.dir),
                         out_dir=str(tmp_path / "run"), k=1, max_steps=2, time_budget_min=None,
                         block_size=16, windows=4, batch_size=2, eval_contexts=8,
@@ -285,8 +285,8 @@ def test_save_from_a_distillation_run_records_training(saved_tiny_model, tiny_co
 
 
 def test_train_last_blocks_freezes_the_rest(saved_tiny_model, tiny_corpus, tmp_path):
-    from kforcing.distill import DistillConfig, Distiller
-    from kforcing.pushforward import StudentConfig
+    from kforcing.training.distill import DistillConfig, Distiller
+    from kforcing.students.pushforward import StudentConfig
     cfg = DistillConfig(teacher=str(saved_tiny_model), data=str(tiny_corpus.dir),
                         out_dir=str(tmp_path / "run"), k=1, max_steps=1, block_size=16,
                         windows=4, batch_size=2, eval_contexts=8, student=StudentConfig(max_k=2),
@@ -301,8 +301,8 @@ def test_train_last_blocks_freezes_the_rest(saved_tiny_model, tiny_corpus, tmp_p
 
 
 def test_data_free_distillation_samples_the_teacher(saved_tiny_model, tmp_path):
-    from kforcing.distill import DistillConfig, Distiller
-    from kforcing.pushforward import StudentConfig
+    from kforcing.training.distill import DistillConfig, Distiller
+    from kforcing.students.pushforward import StudentConfig
     cfg = DistillConfig(teacher=str(saved_tiny_model), data_free=True, data_free_tokens=512,
                         out_dir=str(tmp_path / "run"), k=1, max_steps=1, block_size=8,
                         windows=4, batch_size=2, eval_contexts=8, student=StudentConfig(max_k=2))
@@ -335,7 +335,7 @@ def test_load_errors_are_one_line(saved_tiny_model, tmp_path, make_model):
 
 
 def test_cli_import_and_chat(tiny_gguf, tmp_path, capsys):
-    from kforcing.cli import main
+    from kforcing.cli.main import main
     path, _ = tiny_gguf
     assert main(["import", str(path), "--out", str(tmp_path / "t")]) == 0
     capsys.readouterr()

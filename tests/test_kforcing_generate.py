@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kforcing.errors import KForcingError
-from kforcing.generate import generate, generate_kforcing
-from kforcing.kv_cache import KVCache
-from kforcing.pushforward import PushForward, StudentConfig
-from kforcing.sampling import SamplingConfig
+from kforcing.decoding.generate import generate, generate_kforcing
+from kforcing.core.kv_cache import KVCache
+from kforcing.students.pushforward import PushForward, StudentConfig
+from kforcing.core.sampling import SamplingConfig
 
 PROMPTS = [[5, 17, 200], [1, 2, 3, 4, 5, 6, 7], [250, 9, 9, 31, 64]]
 

@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from kforcing.config import ModelConfig
+from kforcing.core.config import ModelConfig
 from kforcing.errors import KForcingError
-from kforcing.generate import generate, generate_ar, generate_kforcing
-from kforcing.lossless import generate_lossless, uniform_stream
-from kforcing.model import Transformer
-from kforcing.pushforward import PushForward, StudentConfig
-from kforcing.sampling import SamplingConfig, make_generator, sample, uniforms
+from kforcing.decoding.generate import generate, generate_ar, generate_kforcing
+from kforcing.decoding.lossless import generate_lossless, uniform_stream
+from kforcing.core.model import Transformer
+from kforcing.students.pushforward import PushForward, StudentConfig
+from kforcing.core.sampling import SamplingConfig, make_generator, sample, uniforms
 
 RAGGED = [[1, 2, 1], [1, 2, 0, 1, 2, 2, 1], [2], [0, 1], [2, 2, 2, 2, 1]]
 
@@ -215,9 +215,9 @@ def test_cli_generate_and_chat_lossless_equal_the_teachers_ar(saved_tiny_model, 
                                                               layout):
     import json
 
-    from kforcing.checkpoint import load_model
-    from kforcing.cli import main
-    from kforcing.distill import save_student
+    from kforcing.io.checkpoint import load_model
+    from kforcing.cli.main import main
+    from kforcing.training.distill import save_student
 
     teacher = load_model(saved_tiny_model)
     out = tmp_path / "student"

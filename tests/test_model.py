@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kforcing.config import MODEL_PRESETS, ModelConfig, TrainConfig, from_dict
+from kforcing.core.config import MODEL_PRESETS, ModelConfig, TrainConfig, from_dict
 from kforcing.errors import KForcingError
-from kforcing.generate import prefill
-from kforcing.kv_cache import KVCache
-from kforcing.model import Transformer, causal_mask
+from kforcing.decoding.generate import prefill
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.model import Transformer, causal_mask
 
 TOL = 1e-5
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from kforcing.errors import KForcingError
-from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.kv_cache import KVCache
-from kforcing.masks import staircase
-from kforcing.pushforward import PushForward, StudentConfig, check_k, check_tau
-from kforcing.sampling import SamplingConfig, inverse_cdf
+from kforcing.decoding.generate import generate_ar, generate_kforcing
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.masks import staircase
+from kforcing.students.pushforward import PushForward, StudentConfig, check_k, check_tau
+from kforcing.core.sampling import SamplingConfig, inverse_cdf
 
 LAYOUTS = ("shared", "teacher-preserving")
 HEADS = ("argmax", "inverse-cdf")

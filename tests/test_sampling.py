@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kforcing.errors import KForcingError
-from kforcing.sampling import (
+from kforcing.core.sampling import (
     SamplingConfig,
     inverse_cdf,
     make_generator,

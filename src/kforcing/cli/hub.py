@@ -1,5 +1,5 @@
 """`kforcing import / fetch / chat / save` subcommands, and the small-hardware options of
-`kforcing distill` (registered by kforcing.cli)."""
+`kforcing distill` (registered by kforcing.cli.main)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,21 @@ from kforcing.errors import KForcingError
 
 
 def cmd_import(args) -> None:
-    from kforcing.hub import import_teacher
+    from kforcing.io.hub import import_teacher
     out = import_teacher(args.src, args.out)
-    from kforcing.checkpoint import load_model_config
+    from kforcing.io.checkpoint import load_model_config
     cfg = load_model_config(out)
     print(json.dumps({"out": str(out), "layers": cfg.n_layer, "dim": cfg.dim,
                       "vocab_size": cfg.vocab_size, "params": cfg.num_params()}))
 
 
 def cmd_fetch(args) -> None:
-    from kforcing.hub import fetch_smollm2
+    from kforcing.io.hub import fetch_smollm2
     print(fetch_smollm2(args.cache))
 
 
 def cmd_save(args) -> None:
-    from kforcing.share import save
+    from kforcing.students.share import save
     print(save(args.src, args.out))
 
 
@@ -39,22 +39,22 @@ def _teacher(model, args):
     if not hasattr(model, "window_pass"):
         return model
     if getattr(args, "_teacher", None) is None:
-        from kforcing.distill import teacher_of
+        from kforcing.training.distill import teacher_of
         args._teacher = teacher_of(model, args.model)
     return args._teacher
 
 
 def _decode_ar(model, ids: list[int], args, eos: int | None):
-    from kforcing.generate import generate
-    from kforcing.sampling import SamplingConfig
+    from kforcing.decoding.generate import generate
+    from kforcing.core.sampling import SamplingConfig
     return generate(_teacher(model, args), [ids], args.max_new_tokens, eos_id=eos,
                     seed=args.seed, sampling=SamplingConfig(
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
 
 
 def _decode_lossless(model, ids: list[int], args, eos: int | None):
-    from kforcing.generate import generate
-    from kforcing.sampling import SamplingConfig
+    from kforcing.decoding.generate import generate
+    from kforcing.core.sampling import SamplingConfig
     if not hasattr(model, "window_pass"):
         raise KForcingError("--mode lossless needs a K-Forcing student (it proposes, its "
                             "teacher verifies); this is a plain AR model, use --mode ar")
@@ -65,7 +65,7 @@ def _decode_lossless(model, ids: list[int], args, eos: int | None):
 
 
 def _decode_kforcing(model, ids: list[int], args, eos: int | None):
-    from kforcing.generate import generate
+    from kforcing.decoding.generate import generate
     if not hasattr(model, "window_pass"):
         raise KForcingError("--mode kforcing needs a K-Forcing student (kforcing distill); "
                             "this is a plain AR model, use --mode ar")
@@ -81,10 +81,10 @@ CHAT_MODES: dict[str, Callable] = {"ar": _decode_ar, "kforcing": _decode_kforcin
 def _chat_setup(path: str) -> dict | None:
     """The tokenizer_config with a chat template, or None: the model's own directory first,
     then a student's teacher."""
-    from kforcing.checkpoint import resolve_model_dir
-    from kforcing.config import load_json
-    from kforcing.distill import STUDENT_JSON, is_student_dir, resolve_student_dir
-    from kforcing.hub import chat_template
+    from kforcing.io.checkpoint import resolve_model_dir
+    from kforcing.core.config import load_json
+    from kforcing.training.distill import STUDENT_JSON, is_student_dir, resolve_student_dir
+    from kforcing.io.hub import chat_template
     dirs = [Path(path)]
     if is_student_dir(path):
         d = resolve_student_dir(path)
@@ -100,8 +100,8 @@ def _chat_setup(path: str) -> dict | None:
 
 
 def cmd_chat(args) -> None:
-    from kforcing.cli import _load
-    from kforcing.hub import render_chat
+    from kforcing.cli.main import _load
+    from kforcing.io.hub import render_chat
     model, tok = _load(args, allow_student=True)
     tok_cfg = _chat_setup(args.model)
     mcfg = getattr(model, "model_config", None) or model.config

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from kforcing.checkpoint import atomic_write_json
+from kforcing.io.checkpoint import atomic_write_json
 from kforcing.errors import KForcingError
-from kforcing.generate import _sync_fn
-from kforcing.kv_cache import KVCache
-from kforcing.sampling import SamplingConfig, make_generator, sample, uniforms
+from kforcing.decoding.generate import _sync_fn
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.sampling import SamplingConfig, make_generator, sample, uniforms
 
 CACHE_FILE = "autok.json"
 MARGIN = 0.15  # a k must beat AR by 15%: a one-pass calibration misses prefill, sampling and
@@ -184,7 +184,7 @@ def choose_k(student, batch_size: int, *, cache: str | Path | None = None,
              recalibrate: bool = False, margin: float = MARGIN, context: int = CONTEXT,
              timer: Timer | None = None) -> AutoChoice:
     """The k for this batch size: from <cache>/autok.json, or calibrated now and saved there."""
-    from kforcing.data import cache_dir
+    from kforcing.io.data import cache_dir
 
     if not hasattr(student, "window_pass"):
         raise KForcingError("--k auto needs a K-Forcing student; a plain AR model decodes "
@@ -229,5 +229,5 @@ def auto_decoder(model, batch_size: int, *, model_dir: str | Path | None = None,
     choice = choose_k(model, batch_size, cache=cache)
     if choice.k > 1:
         return AutoDecoder(model, choice.k, choice)
-    from kforcing.distill import teacher_of
+    from kforcing.training.distill import teacher_of
     return AutoDecoder(teacher_of(model, model_dir), None, choice)

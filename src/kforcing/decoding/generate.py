@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kforcing.errors import KForcingError
-from kforcing.kv_cache import KVCache
-from kforcing.model import Transformer
-from kforcing.sampling import SamplingConfig, make_generator, sample, uniforms
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.model import Transformer
+from kforcing.core.sampling import SamplingConfig, make_generator, sample, uniforms
 
 
 @dataclass
@@ -161,7 +161,7 @@ def generate_kforcing(student, prompts: list[list[int]], max_new_tokens: int, *,
     """K-Forcing decoding (METHOD.md section 5): the first pass reads the prompt + k noise
     tokens, every later pass the k tokens just emitted + k fresh noise tokens; noise K/V never
     stay in the cache. Exactly k new tokens per pass."""
-    from kforcing.pushforward import check_k, check_tau
+    from kforcing.students.pushforward import check_k, check_tau
 
     scfg, mcfg = student.config, student.model_config
     k = scfg.max_k if k is None else k
@@ -208,7 +208,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, k: int | N
     """Entry point for every decoder: a plain Transformer decodes AR; a K-Forcing student
     decodes k tokens per pass (k defaults to its max_k), or with mode="lossless" proposes k
     tokens that its teacher verifies (output distributed exactly as the teacher's)."""
-    from kforcing.pushforward import PushForward
+    from kforcing.students.pushforward import PushForward
 
     if mode not in ("kforcing", "lossless"):
         raise KForcingError(f"mode must be 'kforcing' or 'lossless', got '{mode}'")
@@ -216,7 +216,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, k: int | N
         if not isinstance(model, PushForward):
             raise KForcingError("lossless mode needs a K-Forcing student (it proposes, its "
                                 "teacher verifies)")
-        from kforcing.lossless import generate_lossless
+        from kforcing.decoding.lossless import generate_lossless
         if kw.pop("frequency_penalty", 0.0):
             raise KForcingError("lossless mode samples the teacher's exact distribution: a "
                                 "frequency penalty would change it")

@@ -1,4 +1,4 @@
-"""`kforcing eval` (registered by kforcing.cli): a model's perplexity on a split, or K-Forcing
+"""`kforcing eval` (registered by kforcing.cli.main): a model's perplexity on a split, or K-Forcing
 students against their teacher (match, first-token TV, free-running samples) as JSON."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 import shlex
 from pathlib import Path
 
-from kforcing.cli import _load
+from kforcing.cli.main import _load
 from kforcing.errors import KForcingError
-from kforcing.evaluate import EvalConfig
+from kforcing.evaluation.evaluate import EvalConfig
 
 D = EvalConfig()
 
@@ -24,8 +24,8 @@ def cmd_eval(args) -> None:
         raise KForcingError("eval needs --model (perplexity) or --student (student evaluation)")
     import math
 
-    from kforcing.data import TokenFile
-    from kforcing.train import evaluate_loss
+    from kforcing.io.data import TokenFile
+    from kforcing.training.teacher import evaluate_loss
     model, _ = _load(args)
     split = Path(args.data) / f"{args.split}.bin"
     loss = evaluate_loss(model, TokenFile(split), min(args.block_size, model.config.max_seq_len),
@@ -51,12 +51,12 @@ def _same_vocab(a, b) -> bool:
 
 
 def cmd_eval_students(args) -> None:
-    from kforcing.checkpoint import atomic_write_json, load_model, resolve_model_dir
-    from kforcing.cli import student_tokenizer
-    from kforcing.config import load_json
-    from kforcing.data import TokenFile, load_tokenizer
-    from kforcing.distill import STUDENT_JSON, load_student, resolve_student_dir
-    from kforcing.evaluate import eval_markdown, evaluate, load_judge
+    from kforcing.io.checkpoint import atomic_write_json, load_model, resolve_model_dir
+    from kforcing.cli.main import student_tokenizer
+    from kforcing.core.config import load_json
+    from kforcing.io.data import TokenFile, load_tokenizer
+    from kforcing.training.distill import STUDENT_JSON, load_student, resolve_student_dir
+    from kforcing.evaluation.evaluate import eval_markdown, evaluate, load_judge
 
     cfg = EvalConfig(tau=args.tau, new_tokens=args.new_tokens, prompts=args.prompts,
                      prompt_len=args.prompt_len, context_len=args.context_len,

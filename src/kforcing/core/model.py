@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kforcing.config import ModelConfig
+from kforcing.core.config import ModelConfig
 from kforcing.errors import KForcingError
-from kforcing.kv_cache import KVCache
+from kforcing.core.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kforcing.checkpoint import (
+from kforcing.io.checkpoint import (
     MetricsLog,
     atomic_save_tensors,
     atomic_write_json,
@@ -32,14 +32,14 @@ from kforcing.checkpoint import (
     publish_checkpoint,
     resolve_model_dir,
 )
-from kforcing.config import from_dict, load_json
-from kforcing.data import BlockLoader, TokenFile
+from kforcing.core.config import from_dict, load_json
+from kforcing.io.data import BlockLoader, TokenFile
 from kforcing.errors import KForcingError
-from kforcing.evaluate import MatchSet, build_match_set, match_rates
-from kforcing.masks import staircase
-from kforcing.pushforward import PushForward, StudentConfig
-from kforcing.sampling import inverse_cdf
-from kforcing.train import load_optimizer_tensors, optimizer_tensors
+from kforcing.evaluation.evaluate import MatchSet, build_match_set, match_rates
+from kforcing.core.masks import staircase
+from kforcing.students.pushforward import PushForward, StudentConfig
+from kforcing.core.sampling import inverse_cdf
+from kforcing.training.teacher import load_optimizer_tensors, optimizer_tensors
 
 TARGETS = ("self-forcing", "ar-rollout", "noise-inversion")
 STUDENT_FILE, STUDENT_JSON = "student.safetensors", "student.json"
@@ -137,7 +137,7 @@ def resolve_student_dir(path: str | Path) -> Path:
 
 
 def _shared_kind(d: Path) -> str | None:
-    from kforcing.share import shared_kind
+    from kforcing.students.share import shared_kind
     return shared_kind(d)
 
 
@@ -153,7 +153,7 @@ def load_student(path: str | Path, device: str = "cpu") -> PushForward:
     """Rebuild a student from its directory (and its teacher, found through the saved path)."""
     d = resolve_student_dir(path)
     if not (d / STUDENT_JSON).is_file():          # a self-contained kforcing.save directory
-        from kforcing.share import load
+        from kforcing.students.share import load
         return load(d, device=device)
     meta = load_json(d / STUDENT_JSON)
     teacher = load_model(meta["teacher"], device=device)
@@ -312,7 +312,7 @@ class Distiller:
 
     def _teacher_samples(self) -> Path:
         """Data-free mode: a corpus of the teacher's own samples, cached next to the run."""
-        from kforcing.selfdata import teacher_corpus
+        from kforcing.training.selfdata import teacher_corpus
         return teacher_corpus(self.teacher, self.teacher_dir, self.out.parent / "teacher-samples",
                               n_tokens=self.cfg.data_free_tokens, seq_len=2 * self.cfg.block_size,
                               seed=self.cfg.seed, progress=self.progress)

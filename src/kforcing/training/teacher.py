@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kforcing.checkpoint import (
+from kforcing.io.checkpoint import (
     MODEL_FILE,
     TOKENIZER_FILE,
     MetricsLog,
@@ -28,10 +28,10 @@ from kforcing.checkpoint import (
     resolve_model_dir,
     save_model,
 )
-from kforcing.config import ModelConfig, TrainConfig, from_dict, load_json
-from kforcing.data import BlockLoader, TokenFile, eos_id, load_tokenizer
+from kforcing.core.config import ModelConfig, TrainConfig, from_dict, load_json
+from kforcing.io.data import BlockLoader, TokenFile, eos_id, load_tokenizer
 from kforcing.errors import KForcingError
-from kforcing.model import Transformer
+from kforcing.core.model import Transformer
 
 TRAINER_TENSORS, TRAINER_JSON = "trainer.safetensors", "trainer.json"
 

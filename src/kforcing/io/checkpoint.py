@@ -20,9 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kforcing.config import ModelConfig, from_dict, load_json
+from kforcing.core.config import ModelConfig, from_dict, load_json
 from kforcing.errors import KForcingError
-from kforcing.model import Transformer
+from kforcing.core.model import Transformer
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 

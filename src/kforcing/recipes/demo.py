@@ -11,16 +11,16 @@ import json
 import math
 from pathlib import Path
 
-from kforcing.checkpoint import atomic_write_json, load_model, resolve_model_dir
-from kforcing.config import TrainConfig
-from kforcing.data import TokenFile, cache_dir, load_tokenizer, prepare_corpus
-from kforcing.distill import DistillConfig, Distiller, load_student, teacher_of
+from kforcing.io.checkpoint import atomic_write_json, load_model, resolve_model_dir
+from kforcing.core.config import TrainConfig
+from kforcing.io.data import TokenFile, cache_dir, load_tokenizer, prepare_corpus
+from kforcing.training.distill import DistillConfig, Distiller, load_student, teacher_of
 from kforcing.errors import KForcingError
-from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.lossless import generate_lossless
-from kforcing.pushforward import StudentConfig
-from kforcing.sampling import SamplingConfig
-from kforcing.train import Trainer, evaluate_loss
+from kforcing.decoding.generate import generate_ar, generate_kforcing
+from kforcing.decoding.lossless import generate_lossless
+from kforcing.students.pushforward import StudentConfig
+from kforcing.core.sampling import SamplingConfig
+from kforcing.training.teacher import Trainer, evaluate_loss
 
 PROMPTS = ["The jury said", "In the spring of that year", "She looked at him and"]
 

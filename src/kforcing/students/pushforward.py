@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 
 from kforcing.errors import KForcingError
-from kforcing.kv_cache import KVCache
-from kforcing.masks import staircase
-from kforcing.model import RMSNorm, Transformer, causal_mask
-from kforcing.sampling import CDF_ORDERS, inverse_cdf
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.masks import staircase
+from kforcing.core.model import RMSNorm, Transformer, causal_mask
+from kforcing.core.sampling import CDF_ORDERS, inverse_cdf
 
 LAYOUTS = ("shared", "teacher-preserving")
 HEADS = ("argmax", "inverse-cdf")

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kforcing.data import TokenFile
+from kforcing.io.data import TokenFile
 from kforcing.errors import KForcingError
-from kforcing.kv_cache import KVCache
-from kforcing.pushforward import check_k
-from kforcing.sampling import inverse_cdf
+from kforcing.core.kv_cache import KVCache
+from kforcing.students.pushforward import check_k
+from kforcing.core.sampling import inverse_cdf
 
 
 @dataclass
@@ -56,7 +56,7 @@ def build_match_set(teacher, tokens: TokenFile, *, k: int, block_size: int, n_wi
                     taus: list[float], order: str, seed: int = 0, per_context: int = 8,
                     device: str | torch.device = "cpu", chunk: int = 32) -> MatchSet:
     """n_windows windows: the last `per_context` positions of randomly drawn held-out blocks."""
-    from kforcing.distill import ar_rollout
+    from kforcing.training.distill import ar_rollout
 
     g = torch.Generator().manual_seed(10_000 + seed)
     x = held_out_blocks(tokens, max(1, n_windows // per_context), block_size, g).to(device)
@@ -110,7 +110,7 @@ def first_token_tv(student, teacher, x: torch.Tensor, u: torch.Tensor, tau: floa
     `bias_bound` reported. Also reported: the standard error over contexts and the coupling
     bound TV <= P(student(u) != T(u)).
     """
-    from kforcing.distill import teacher_conditionals
+    from kforcing.training.distill import teacher_conditionals
 
     C, N = x.shape
     S = u.shape[1]
@@ -270,7 +270,7 @@ def load_judge(spec: str, cache: str | Path | None = None, device: str = "cpu"):
     description)."""
     if spec == "none":
         return None, None
-    from kforcing.hub import fetch_smollm2, load_gguf
+    from kforcing.io.hub import fetch_smollm2, load_gguf
     if spec == "smollm2":
         path = Path(fetch_smollm2(cache=cache))
     else:

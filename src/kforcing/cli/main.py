@@ -14,7 +14,7 @@ from kforcing.errors import KForcingError
 
 
 def _train_overrides(args: argparse.Namespace):
-    from kforcing.config import TrainConfig
+    from kforcing.core.config import TrainConfig
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
@@ -22,7 +22,7 @@ def _train_overrides(args: argparse.Namespace):
 # -- commands ------------------------------------------------------------------------------------
 
 def cmd_data_fetch(args) -> None:
-    from kforcing.data import cache_dir, fetch_brown
+    from kforcing.io.data import cache_dir, fetch_brown
     if args.corpus != "brown":
         raise KForcingError(f"unknown corpus '{args.corpus}': `data fetch` knows 'brown'; for "
                             "local files or hf:NAME use `kforcing data prepare --source ...`")
@@ -31,7 +31,7 @@ def cmd_data_fetch(args) -> None:
 
 
 def cmd_data_prepare(args) -> None:
-    from kforcing.data import cache_dir, prepare_corpus
+    from kforcing.io.data import cache_dir, prepare_corpus
     prep = prepare_corpus(args.source, Path(args.out) if args.out else None,
                           vocab_size=args.vocab_size,
                           tokenizer_path=Path(args.tokenizer) if args.tokenizer else None,
@@ -40,7 +40,7 @@ def cmd_data_prepare(args) -> None:
 
 
 def cmd_tokenizer_train(args) -> None:
-    from kforcing.data import cache_dir, load_documents, split_documents, train_tokenizer
+    from kforcing.io.data import cache_dir, load_documents, split_documents, train_tokenizer
     docs = load_documents(args.source, field=args.field, cache=cache_dir(args.cache))
     train_docs = split_documents(docs, seed=args.seed).train
     tok = train_tokenizer(train_docs, args.vocab_size, path=Path(args.out))
@@ -49,11 +49,11 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from kforcing.config import TrainConfig, from_dict
-    from kforcing.train import train
+    from kforcing.core.config import TrainConfig, from_dict
+    from kforcing.training.teacher import train
     base = {}
     if args.config:
-        from kforcing.config import load_json
+        from kforcing.core.config import load_json
         base = load_json(args.config)
     overrides = _train_overrides(args)
     if args.override:
@@ -75,9 +75,9 @@ def _parse_kv(s: str):
 
 def _load(args, allow_student: bool = False):
     """(model, tokenizer) from a model/run directory; a K-Forcing student when allowed."""
-    from kforcing.checkpoint import load_model, tokenizer_path
-    from kforcing.data import load_tokenizer
-    from kforcing.distill import is_student_dir, load_student
+    from kforcing.io.checkpoint import load_model, tokenizer_path
+    from kforcing.io.data import load_tokenizer
+    from kforcing.training.distill import is_student_dir, load_student
     if allow_student and is_student_dir(args.model):
         model = load_student(args.model, device=args.device)
         vocab = model.model_config.vocab_size
@@ -93,7 +93,7 @@ def _load(args, allow_student: bool = False):
 
 
 def student_tokenizer(path) -> Path:
-    from kforcing.distill import resolve_student_dir
+    from kforcing.training.distill import resolve_student_dir
     tok = resolve_student_dir(path) / "tokenizer.json"
     if not tok.is_file():
         raise KForcingError(f"no tokenizer.json next to the student in {path}")
@@ -110,14 +110,14 @@ def _k_arg(s: str):
 
 
 def cmd_generate(args) -> None:
-    from kforcing.generate import generate
-    from kforcing.sampling import SamplingConfig
+    from kforcing.decoding.generate import generate
+    from kforcing.core.sampling import SamplingConfig
     model, tok = _load(args, allow_student=True)
     prompts = args.prompt or ["The"]
     ids = [tok.encode(p).ids for p in prompts]
     k = args.k
     if k == "auto":   # k per batch size from the cached calibration; plain AR models: k = 1
-        from kforcing.autok import auto_decoder
+        from kforcing.decoding.autok import auto_decoder
         auto = auto_decoder(model, len(ids), model_dir=args.model)
         model, k = auto.model, auto.k
     if hasattr(model, "window_pass"):   # a K-Forcing student
@@ -128,7 +128,7 @@ def cmd_generate(args) -> None:
     if args.lossless:   # the student proposes, its teacher verifies: the teacher's exact samples
         if not hasattr(model, "window_pass"):
             raise KForcingError("--lossless needs a K-Forcing student (its teacher verifies)")
-        from kforcing.distill import teacher_of
+        from kforcing.training.distill import teacher_of
         kw = {"sampling": SamplingConfig(temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, cdf_order=model.config.cdf_order),
               "mode": "lossless", "teacher": teacher_of(model, args.model)}
@@ -147,9 +147,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from kforcing.config import from_dict, load_json
-    from kforcing.distill import DistillConfig, distill
-    from kforcing.pushforward import StudentConfig
+    from kforcing.core.config import from_dict, load_json
+    from kforcing.training.distill import DistillConfig, distill
+    from kforcing.students.pushforward import StudentConfig
     base = load_json(args.config) if args.config else {}
     over = {k: v for k, v in vars(args).items()
             if k in {f for f in DistillConfig.__dataclass_fields__} and v is not None}
@@ -162,10 +162,10 @@ def cmd_distill(args) -> None:
 
 
 def cmd_match(args) -> None:
-    from kforcing.data import TokenFile
-    from kforcing.distill import load_student, teacher_of
-    from kforcing.evaluate import build_match_set, match_rates
-    from kforcing.pushforward import check_k
+    from kforcing.io.data import TokenFile
+    from kforcing.training.distill import load_student, teacher_of
+    from kforcing.evaluation.evaluate import build_match_set, match_rates
+    from kforcing.students.pushforward import check_k
     student = load_student(args.student, device=args.device)
     k = args.k or student.config.max_k
     check_k(k, student.config.max_k)
@@ -182,8 +182,8 @@ def cmd_match(args) -> None:
 
 
 def cmd_hf_export(args) -> None:
-    from kforcing.checkpoint import load_model, tokenizer_path
-    from kforcing.hf import export_hf
+    from kforcing.io.checkpoint import load_model, tokenizer_path
+    from kforcing.io.hf import export_hf
     model = load_model(args.model)
     try:
         tok = tokenizer_path(args.model)
@@ -194,20 +194,20 @@ def cmd_hf_export(args) -> None:
 
 
 def cmd_hf_import(args) -> None:
-    from kforcing.hf import import_hf_dir
+    from kforcing.io.hf import import_hf_dir
     out = import_hf_dir(args.src, args.out)
     print(out)
 
 
 def cmd_demo(args) -> None:
-    from kforcing.demo import run_demo
+    from kforcing.recipes.demo import run_demo
     run_demo(minutes=args.minutes, teacher=args.teacher, out=args.out, cache=args.cache,
              new_tokens=args.new_tokens, distill_minutes=args.distill_minutes,
              student=args.student)
 
 
 def cmd_curves(args) -> None:
-    from kforcing.curves import plot_curves, summarize
+    from kforcing.evaluation.curves import plot_curves, summarize
     plot_curves(args.runs, args.out, tau=args.tau, metric=args.metric, title=args.title)
     print(json.dumps(summarize(args.runs)))
 
@@ -230,7 +230,7 @@ COMMANDS: dict[str, Callable] = {
 
 
 # modules that add their own subcommands: each has register(subparsers, commands)
-EXTENSIONS = ("kforcing.cli_eval", "kforcing.cli_bench", "kforcing.cli_hub")
+EXTENSIONS = ("kforcing.cli.eval", "kforcing.cli.bench", "kforcing.cli.hub")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 corpus (npm) + tokenizer -> `small` teacher -> distillation k=1 -> 2 -> 4 (the chosen design:
 teacher-preserving layout, argmax head, tau ~ U[0.7, 1]) -> a `tiny` draft model on the same
-corpus (for HF assisted generation) -> fidelity (match rates; kforcing.evaluate.evaluate) ->
+corpus (for HF assisted generation) -> fidelity (match rates; kforcing.evaluation.evaluate.evaluate) ->
 samples -> benchmarks -> docs/RESULTS.md, every figure generated with the command behind it.
 
 Each step records its result in <out>/state.json and is skipped once done; an interrupted
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kforcing.checkpoint import atomic_write_bytes, atomic_write_json, resolve_model_dir
+from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json, resolve_model_dir
 from kforcing.errors import KForcingError
 
 STEPS = ("data", "teacher", "distill-k1", "distill-k2", "distill-k4", "draft", "match", "eval",
@@ -114,7 +114,7 @@ def _kf(*args) -> str:
 # -- steps ---------------------------------------------------------------------------------------
 
 def step_data(cfg: ReproduceConfig, st: State) -> dict:
-    from kforcing.data import cache_dir, prepare_corpus
+    from kforcing.io.data import cache_dir, prepare_corpus
     if cfg.data:
         d = Path(cfg.data)
         if not (d / "train.bin").is_file():
@@ -131,8 +131,8 @@ def step_data(cfg: ReproduceConfig, st: State) -> dict:
 
 def _train(cfg: ReproduceConfig, out: Path, data: str, preset: str, minutes: float,
            overrides: dict, block_size: int) -> dict:
-    from kforcing.config import TrainConfig
-    from kforcing.train import Trainer
+    from kforcing.core.config import TrainConfig
+    from kforcing.training.teacher import Trainer
     tc = TrainConfig(data=data, out_dir=str(out), model=preset, model_overrides=overrides,
                      block_size=block_size, batch_size=cfg.teacher_batch_size, max_steps=100_000,
                      warmup_steps=100, lr=2e-3, min_lr=2e-4, eval_every=100, eval_batches=20,
@@ -150,9 +150,9 @@ def _train(cfg: ReproduceConfig, out: Path, data: str, preset: str, minutes: flo
 
 
 def _val_ppl(model_dir: str, data: str, block: int) -> float:
-    from kforcing.checkpoint import load_model
-    from kforcing.data import TokenFile
-    from kforcing.train import evaluate_loss
+    from kforcing.io.checkpoint import load_model
+    from kforcing.io.data import TokenFile
+    from kforcing.training.teacher import evaluate_loss
     model = load_model(model_dir)
     block = min(block, model.config.max_seq_len)
     return math.exp(evaluate_loss(model, TokenFile(Path(data) / "validation.bin"), block, 16,
@@ -177,8 +177,8 @@ def step_distill(k: int) -> Callable[[ReproduceConfig, State], dict]:
         i = STAGE_KS.index(k)
         if cfg.students:
             return {"dir": cfg.students[i], "k": k, "provided": True, "commands": []}
-        from kforcing.distill import DistillConfig, Distiller
-        from kforcing.pushforward import StudentConfig
+        from kforcing.training.distill import DistillConfig, Distiller
+        from kforcing.students.pushforward import StudentConfig
         teacher, data = st.result("teacher")["dir"], st.result("data")["dir"]
         out = Path(cfg.out) / f"k{k}"
         init = None if i == 0 else st.result(f"distill-k{STAGE_KS[i - 1]}")["dir"]
@@ -208,9 +208,9 @@ def step_distill(k: int) -> Callable[[ReproduceConfig, State], dict]:
 def step_draft(cfg: ReproduceConfig, st: State) -> dict:
     if cfg.draft:
         return {"dir": str(resolve_model_dir(cfg.draft)), "provided": True, "commands": []}
-    from kforcing.checkpoint import load_model_config
+    from kforcing.io.checkpoint import load_model_config
     ctx = load_model_config(st.result("teacher")["dir"]).max_seq_len
-    from kforcing.config import ModelConfig
+    from kforcing.core.config import ModelConfig
     block = min(cfg.teacher_block_size, ModelConfig.preset(cfg.draft_preset).max_seq_len, ctx)
     rec = _train(cfg, Path(cfg.out) / "draft", st.result("data")["dir"], cfg.draft_preset,
                  cfg.minutes(cfg.draft_min), {"max_seq_len": ctx}, block)
@@ -220,10 +220,10 @@ def step_draft(cfg: ReproduceConfig, st: State) -> dict:
 
 
 def step_match(cfg: ReproduceConfig, st: State) -> dict:
-    from kforcing.checkpoint import load_model
-    from kforcing.data import TokenFile
-    from kforcing.distill import load_student
-    from kforcing.evaluate import build_match_set, match_rates
+    from kforcing.io.checkpoint import load_model
+    from kforcing.io.data import TokenFile
+    from kforcing.training.distill import load_student
+    from kforcing.evaluation.evaluate import build_match_set, match_rates
     data = st.result("data")["dir"]
     split = TokenFile(Path(data) / "validation.bin")
     out, cmds = {}, []
@@ -241,10 +241,10 @@ def step_match(cfg: ReproduceConfig, st: State) -> dict:
 
 
 def step_eval(cfg: ReproduceConfig, st: State) -> dict:
-    from kforcing.checkpoint import load_model, tokenizer_path
-    from kforcing.data import TokenFile, load_tokenizer
-    from kforcing.distill import load_student
-    from kforcing.evaluate import EvalConfig, eval_markdown, evaluate, load_judge
+    from kforcing.io.checkpoint import load_model, tokenizer_path
+    from kforcing.io.data import TokenFile, load_tokenizer
+    from kforcing.training.distill import load_student
+    from kforcing.evaluation.evaluate import EvalConfig, eval_markdown, evaluate, load_judge
     data, tdir = st.result("data")["dir"], st.result("teacher")["dir"]
     teacher, tok = load_model(tdir), load_tokenizer(tokenizer_path(tdir))
     dirs = [st.result(f"distill-k{k}")["dir"] for k in (2, 4)]
@@ -290,11 +290,11 @@ def eval_goals(result: dict) -> list[tuple[str, str, str]]:
 
 
 def step_samples(cfg: ReproduceConfig, st: State) -> dict:
-    from kforcing.checkpoint import load_model, tokenizer_path
-    from kforcing.data import load_tokenizer
-    from kforcing.distill import load_student
-    from kforcing.generate import generate_ar, generate_kforcing
-    from kforcing.sampling import SamplingConfig
+    from kforcing.io.checkpoint import load_model, tokenizer_path
+    from kforcing.io.data import load_tokenizer
+    from kforcing.training.distill import load_student
+    from kforcing.decoding.generate import generate_ar, generate_kforcing
+    from kforcing.core.sampling import SamplingConfig
     tdir = st.result("teacher")["dir"]
     teacher, tok = load_model(tdir), load_tokenizer(tokenizer_path(tdir))
     ids = [tok.encode(p).ids for p in PROMPTS]
@@ -315,7 +315,7 @@ def step_samples(cfg: ReproduceConfig, st: State) -> dict:
 
 
 def step_bench(cfg: ReproduceConfig, st: State) -> dict:
-    from kforcing.bench import BenchConfig, load_models, run_bench, write_results
+    from kforcing.evaluation.bench import BenchConfig, load_models, run_bench, write_results
     tdir, sdir = st.result("teacher")["dir"], st.result("distill-k4")["dir"]
     ddir = st.result("draft")["dir"]
     teacher, student, draft = load_models(tdir, sdir, ddir)
@@ -459,7 +459,7 @@ def write_report(cfg: ReproduceConfig, st: State) -> Path:
         bench_meta = json.loads(Path(res["bench"]["paths"]["meta"]).read_text())
     machine = (bench_meta or {}).get("machine")
     if machine is None:
-        from kforcing.autok import machine_info
+        from kforcing.decoding.autok import machine_info
         machine = machine_info()
     L += ["## Machine", "", "| | |", "|---|---|"]
     L += [f"| {k} | {_cell(str(v))} |" for k, v in machine.items()] + [""]
@@ -506,7 +506,7 @@ def write_report(cfg: ReproduceConfig, st: State) -> Path:
         L.append("")
         curves = Path(cfg.results_dir) / "distill_curves.png"
         try:
-            from kforcing.curves import plot_curves
+            from kforcing.evaluation.curves import plot_curves
             plot_curves([res[f"distill-k{k}"]["dir"] for k in STAGE_KS], curves, tau="tau1",
                         metric="first", title="first-token match (tau 1) during distillation")
             L += [f"![distillation curves]({_rel(curves, path.parent)})", ""]
@@ -523,7 +523,7 @@ def write_report(cfg: ReproduceConfig, st: State) -> Path:
 
     rows = None
     if res["bench"].get("paths"):
-        from kforcing.bench import read_rows
+        from kforcing.evaluation.bench import read_rows
         rows = read_rows(res["bench"]["paths"]["jsonl"])
     if rows:
         L += _bench_section(rows, bench_meta, res["bench"], path)
@@ -544,7 +544,7 @@ def write_report(cfg: ReproduceConfig, st: State) -> Path:
 
 
 def _bench_section(rows: list[dict], meta: dict | None, bench: dict, doc: Path) -> list[str]:
-    from kforcing.bench import series_label
+    from kforcing.evaluation.bench import series_label
     L = ["## Speed", "", f"Command: `{bench['commands'][0]}`", "",
          "Generated tokens/s across the batch (median of the recorded repeats, warm-up "
          "excluded); in brackets the speedup over our AR decoding at the same batch size.", ""]

@@ -16,17 +16,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kforcing.checkpoint import (
+from kforcing.io.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
     atomic_write_bytes,
     atomic_write_json,
     resolve_model_dir,
 )
-from kforcing.config import load_json
-from kforcing.generate import generate_ar
-from kforcing.model import Transformer
-from kforcing.sampling import SamplingConfig
+from kforcing.core.config import load_json
+from kforcing.decoding.generate import generate_ar
+from kforcing.core.model import Transformer
+from kforcing.core.sampling import SamplingConfig
 
 
 def start_token(teacher_dir: Path, teacher: Transformer) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kforcing.checkpoint import (
+from kforcing.io.checkpoint import (
     TOKENIZER_FILE,
     atomic_save_tensors,
     atomic_write_bytes,
@@ -22,9 +22,9 @@ from kforcing.checkpoint import (
     load_tensors,
     save_model,
 )
-from kforcing.config import ModelConfig, load_json
+from kforcing.core.config import ModelConfig, load_json
 from kforcing.errors import KForcingError
-from kforcing.model import Transformer
+from kforcing.core.model import Transformer
 
 # model_type -> the transformers class we export to; all are the same decoder up to q/k/v biases
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

@@ -3,9 +3,9 @@ latency of one forward pass, by batch size, for
 
 - `ar`            our KV-cache AR decoding of the teacher (the baseline of every speedup);
 - `kforcing`      K-Forcing decoding with a fixed k (1, 2, 4, 8 up to the student's max_k);
-- `kforcing-auto` `--k auto` (kforcing.autok): k chosen per batch size by calibration;
-- `lossless`      lossless mode (kforcing.lossless), exact teacher samples;
-- `hf-generate`   transformers `generate` on the same weights exported through kforcing.hf,
+- `kforcing-auto` `--k auto` (kforcing.decoding.autok): k chosen per batch size by calibration;
+- `lossless`      lossless mode (kforcing.decoding.lossless), exact teacher samples;
+- `hf-generate`   transformers `generate` on the same weights exported through kforcing.io.hf,
                   greedy and sampling;
 - `hf-assisted`   transformers assisted generation with a small draft model trained on the
                   same corpus (transformers supports it at batch size 1 only).
@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kforcing.autok import choose_k, machine_info
-from kforcing.checkpoint import atomic_write_bytes, atomic_write_json
+from kforcing.decoding.autok import choose_k, machine_info
+from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json
 from kforcing.errors import KForcingError
-from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.lossless import generate_lossless
-from kforcing.model import Transformer
-from kforcing.sampling import SamplingConfig
+from kforcing.decoding.generate import generate_ar, generate_kforcing
+from kforcing.decoding.lossless import generate_lossless
+from kforcing.core.model import Transformer
+from kforcing.core.sampling import SamplingConfig
 
 METHODS = ("ar", "kforcing", "kforcing-auto", "lossless", "hf-generate", "hf-assisted")
 
@@ -140,7 +140,7 @@ def make_prompts(batch_size: int, prompt_len: int, vocab: int, data: str | Path 
     Speed does not depend on content, but lossless and assisted acceptance rates do."""
     g = torch.Generator().manual_seed(seed)
     if data is not None:
-        from kforcing.data import TokenFile
+        from kforcing.io.data import TokenFile
         tokens = TokenFile(Path(data) / "validation.bin")
         n = tokens.num_blocks(prompt_len)
         if n == 0:
@@ -252,7 +252,7 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
             raise KForcingError(f"k={max(ks)} exceeds the student's max_k={max_k}")
     hf_teacher = hf_draft = None
     if methods & {"hf-generate", "hf-assisted"}:
-        from kforcing.hf import to_hf_model
+        from kforcing.io.hf import to_hf_model
         hf_teacher = to_hf_model(teacher)
         import transformers
         machine = {**machine, "transformers": transformers.__version__}
@@ -264,7 +264,7 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
             raise KForcingError(f"draft vocabulary {draft.config.vocab_size} differs from the "
                                 f"teacher's {mcfg.vocab_size}: train it on the same corpus")
         else:
-            from kforcing.hf import to_hf_model
+            from kforcing.io.hf import to_hf_model
             hf_draft = to_hf_model(draft.eval())
 
     sample_cfg = SamplingConfig(temperature=cfg.temperature)
@@ -416,16 +416,16 @@ def _ints(s: str, flag: str) -> tuple[int, ...]:
 def load_models(model: str | None, student: str | None, draft: str | None):
     """(teacher, student, draft): the teacher defaults to the one the student was distilled
     from; with neither, a random `small` model (speed does not depend on the weights)."""
-    from kforcing.checkpoint import load_model
+    from kforcing.io.checkpoint import load_model
     kf = teach = None
     if student:
-        from kforcing.distill import load_student, teacher_of
+        from kforcing.training.distill import load_student, teacher_of
         kf = load_student(student)
         teach = teacher_of(kf, student) if not model else None
     if model:
         teach = load_model(model)
     if teach is None:
-        from kforcing.config import ModelConfig
+        from kforcing.core.config import ModelConfig
         torch.manual_seed(0)
         teach = Transformer(ModelConfig.preset("small")).eval()
     return teach, kf, load_model(draft) if draft else None

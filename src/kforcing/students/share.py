@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kforcing.checkpoint import (
+from kforcing.io.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -38,11 +38,11 @@ from kforcing.checkpoint import (
     model_state,
     resolve_model_dir,
 )
-from kforcing.config import ModelConfig, from_dict, load_json
-from kforcing.distill import _student_state
+from kforcing.core.config import ModelConfig, from_dict, load_json
+from kforcing.training.distill import _student_state
 from kforcing.errors import KForcingError
-from kforcing.model import Transformer
-from kforcing.pushforward import PushForward, StudentConfig
+from kforcing.core.model import Transformer
+from kforcing.students.pushforward import PushForward, StudentConfig
 
 FORMAT, FORMAT_VERSION = "kforcing", 1
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -80,7 +80,7 @@ def save(obj: Transformer | PushForward | str | Path, path: str | Path) -> Path:
 def _describe(obj) -> dict[str, Any]:
     """The object to save plus what is known about it: teacher provenance, training stages and
     the tokenizer files, read from the checkpoint directories when obj is a path."""
-    from kforcing.distill import STUDENT_JSON, is_student_dir, load_student, resolve_student_dir
+    from kforcing.training.distill import STUDENT_JSON, is_student_dir, load_student, resolve_student_dir
 
     info: dict[str, Any] = {"object": obj, "teacher": {}, "training": {}, "files": {}}
     if not isinstance(obj, (str, Path)):
@@ -138,7 +138,7 @@ def _run_dir(student_dir: Path) -> Path:
 
 def _stages(student_dir: Path, depth: int = 0) -> list[dict[str, Any]]:
     """The distillation stages that made this student, oldest first, following `init` links."""
-    from kforcing.distill import STUDENT_JSON, resolve_student_dir
+    from kforcing.training.distill import STUDENT_JSON, resolve_student_dir
 
     meta = load_json(student_dir / STUDENT_JSON)
     cfg = meta.get("distill", {})
@@ -215,7 +215,7 @@ def model_card(config: dict[str, Any]) -> str:
                          f"{_pct(v.get('first'))} | {_pct(v.get('joint'))} |")
         lines.append("")
     lines += ["## Use", "", "```python", "import kforcing",
-              "from kforcing.generate import generate", "from kforcing.data import load_tokenizer",
+              "from kforcing.decoding.generate import generate", "from kforcing.io.data import load_tokenizer",
               "", 'model = kforcing.load("path/to/this/folder")',
               'tok = load_tokenizer("path/to/this/folder")',
               'res = generate(model, [tok.encode("Once upon a time").ids], 64, seed=0)',

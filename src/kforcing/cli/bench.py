@@ -1,16 +1,16 @@
-"""`kforcing bench` and `kforcing reproduce` (registered by kforcing.cli)."""
+"""`kforcing bench` and `kforcing reproduce` (registered by kforcing.cli.main)."""
 
 from __future__ import annotations
 
 
 def cmd_bench(args) -> None:
-    from kforcing.bench import main as bench_main
+    from kforcing.evaluation.bench import main as bench_main
     bench_main(args)
 
 
 def cmd_reproduce(args) -> None:
-    from kforcing.bench import _ints, command_line, parse_tokens_at
-    from kforcing.reproduce import ReproduceConfig, run_reproduce
+    from kforcing.evaluation.bench import _ints, command_line, parse_tokens_at
+    from kforcing.recipes.reproduce import ReproduceConfig, run_reproduce
     cfg = ReproduceConfig(
         out=args.out, results=args.results, results_dir=args.results_dir, source=args.source,
         vocab_size=args.vocab_size, cache=args.cache, data=args.data, teacher=args.teacher,
@@ -31,8 +31,8 @@ def cmd_reproduce(args) -> None:
 
 
 def register(sub, commands) -> None:
-    from kforcing.bench import METHODS, BenchConfig
-    from kforcing.reproduce import ReproduceConfig
+    from kforcing.evaluation.bench import METHODS, BenchConfig
+    from kforcing.recipes.reproduce import ReproduceConfig
     b, r = BenchConfig(), ReproduceConfig()
 
     sp = sub.add_parser("bench", help="decode speed by batch size: AR, K-Forcing (k, auto), "

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from kforcing.errors import KForcingError
-from kforcing.generate import GenerationResult, _cut_at_eos, _sync_fn, check_prompts, left_pad
-from kforcing.kv_cache import KVCache
-from kforcing.sampling import SamplingConfig, make_generator, sample, uniforms
+from kforcing.decoding.generate import GenerationResult, _cut_at_eos, _sync_fn, check_prompts, left_pad
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.sampling import SamplingConfig, make_generator, sample, uniforms
 
 
 def uniform_stream(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
@@ -56,7 +56,7 @@ def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
     accepted_per_pass (proposals accepted per teacher pass), passes_per_token,
     teacher_passes, fused.
     """
-    from kforcing.pushforward import check_k, check_tau
+    from kforcing.students.pushforward import check_k, check_tau
 
     scfg, mcfg = student.config, student.model_config
     k = scfg.max_k if k is None else k
