@@ -8,13 +8,19 @@ the same u, two models agree exactly when their CDF intervals for that u agree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from kforcing.core.noise import NoiseStream
 from kforcing.errors import KForcingError
 
 CDF_ORDERS = ("vocab", "sorted")
+# how a token is tied to its noise: one uniform through the inverse CDF (the paper's parallel
+# students need it: their networks must be smooth in u), or one Gumbel vector through argmax
+# (near-optimal agreement between two nearby distributions; docs/METHOD.md, "Coupling")
+COUPLINGS = ("inverse-cdf", "gumbel")
 
 
 @dataclass(frozen=True)
@@ -25,16 +31,20 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     cdf_order: str = "vocab"
+    coupling: str = "inverse-cdf"
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise KForcingError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise KForcingError(f"temperature must be a finite number >= 0, got "
+                                f"{self.temperature}")
         if self.top_k < 0:
             raise KForcingError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise KForcingError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.cdf_order not in CDF_ORDERS:
             raise KForcingError(f"cdf_order must be one of {CDF_ORDERS}, got '{self.cdf_order}'")
+        if self.coupling not in COUPLINGS:
+            raise KForcingError(f"coupling must be one of {COUPLINGS}, got '{self.coupling}'")
 
     @property
     def greedy(self) -> bool:
@@ -92,8 +102,33 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, order: str = "vocab") -> t
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
-def sample(logits: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """logits (..., V), u (...) -> tokens (...): the one sampling function every decoder uses."""
+def gumbel_max(probs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """probs (..., V), g (..., V) standard Gumbel -> argmax(log p + g) (...), long: an exact
+    sample of p; two distributions sampled with the same g agree with probability at least
+    (1 - TV) / (1 + TV)."""
+    return (probs.float().log() + g).argmax(-1)
+
+
+def draw(probs: torch.Tensor, noise: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """probs (..., V) and the token's noise -> tokens (...) under cfg's coupling: noise is (...)
+    uniforms for 'inverse-cdf', (..., V) Gumbel vectors for 'gumbel'."""
+    if cfg.coupling == "gumbel":
+        return gumbel_max(probs, noise)
+    return inverse_cdf(probs, noise, cfg.cdf_order)
+
+
+def token_noise(stream: NoiseStream, index: torch.Tensor, cfg: SamplingConfig,
+                vocab_size: int) -> torch.Tensor:
+    """The noise of tokens index (B, W) of each row under cfg's coupling: (B, W) uniforms or
+    (B, W, V) Gumbel vectors."""
+    if cfg.coupling == "gumbel":
+        return stream.gumbel(index, vocab_size)
+    return stream.uniforms(index)
+
+
+def sample(logits: torch.Tensor, noise: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits (..., V), noise (see `draw`) -> tokens (...): the one sampling function every
+    decoder uses."""
     if cfg.greedy:
         return logits.argmax(-1)
-    return inverse_cdf(probs_from_logits(logits, cfg), u, cfg.cdf_order)
+    return draw(probs_from_logits(logits, cfg), noise, cfg)
