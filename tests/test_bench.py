@@ -9,19 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from kforcing.cli.main import main
+from kforcing.decoding import autok
 from kforcing.decoding.autok import (
-    auto_decoder,
     bucket,
     candidate_ks,
     choose_k,
     measure_tokens_per_s,
     pick_k,
 )
-from kforcing.evaluation.bench import METHODS, BenchConfig, read_rows, run_bench, write_results
-from kforcing.cli.main import main
-from kforcing.training.distill import save_student
+from kforcing.decoding.generate import generate
 from kforcing.errors import KForcingError
+from kforcing.evaluation.bench import METHODS, BenchConfig, read_rows, run_bench, write_results
+from kforcing.io.checkpoint import load_model
+from kforcing.recipes.reproduce import STEPS, ReproduceConfig, run_reproduce
 from kforcing.students.pushforward import PushForward, StudentConfig
+from kforcing.students.store import save_student
 
 
 def tiny_student(teacher, layout="teacher-preserving", max_k=4) -> PushForward:
@@ -32,7 +35,6 @@ def tiny_student(teacher, layout="teacher-preserving", max_k=4) -> PushForward:
 
 @pytest.fixture
 def student_dir(saved_tiny_model, tmp_path) -> Path:
-    from kforcing.io.checkpoint import load_model
     out = tmp_path / "student"
     save_student(tiny_student(load_model(saved_tiny_model)), out, saved_tiny_model)
     return out
@@ -41,17 +43,29 @@ def student_dir(saved_tiny_model, tmp_path) -> Path:
 # -- autok ---------------------------------------------------------------------------------------
 
 def test_pick_k_is_the_argmax_with_ar_winning_near_ties():
-    assert pick_k({1: 100.0, 2: 180.0, 4: 300.0}) == 4
-    assert pick_k({1: 100.0, 2: 180.0, 4: 150.0}) == 2
-    assert pick_k({1: 100.0, 2: 60.0, 4: 30.0}) == 1
-    assert pick_k({1: 100.0, 2: 112.0, 4: 90.0}) == 1          # inside the 15% margin
-    assert pick_k({1: 100.0, 2: 103.0}, margin=0.0) == 2
-    assert pick_k({1: 100.0, 2: 150.0, 4: 150.0}) == 2         # ties go to the smaller k
+    assert pick_k({1: 100.0, 2: 180.0, 4: 300.0}).k == 4
+    assert pick_k({1: 100.0, 2: 180.0, 4: 150.0}).k == 2
+    assert pick_k({1: 100.0, 2: 60.0, 4: 30.0}).k == 1
+    assert pick_k({1: 100.0, 2: 112.0, 4: 90.0}).k == 1          # inside the 15% margin
+    assert pick_k({1: 100.0, 2: 103.0}, margin=0.0).k == 2
+    assert pick_k({1: 100.0, 2: 150.0, 4: 150.0}).k == 2         # ties go to the smaller k
     with pytest.raises(KForcingError, match="AR entry"):
         pick_k({2: 1.0})
     assert candidate_ks(4) == [1, 2, 4] and candidate_ks(8) == [1, 2, 4, 8]
     assert candidate_ks(3) == [1, 2, 3] and candidate_ks(1) == [1]
     assert [bucket(b) for b in (1, 3, 4, 100, 256)] == [1, 4, 4, 128, 256]
+
+
+def test_pick_k_every_branch_says_why():
+    """AR fastest, a k inside the margin, a k whose repeats overlap AR's (noise), a clear win."""
+    ar_best = pick_k({1: [100, 101, 99], 2: [80, 81, 79]})
+    assert ar_best.k == 1 and "AR was the fastest" in ar_best.reason
+    margin = pick_k({1: [100, 100, 100], 2: [110, 110, 110]})
+    assert margin.k == 1 and "only 10%" in margin.reason
+    noisy = pick_k({1: [100, 100, 190], 2: [60, 150, 160]})        # median 1.5x, one run slow
+    assert noisy.k == 1 and "too noisy" in noisy.reason
+    win = pick_k({1: [100, 102, 98], 4: [250, 260, 240], 2: [150, 150, 150]})
+    assert win.k == 4 and "2.50x" in win.reason and "median of 3 runs" in win.reason
 
 
 def test_choose_k_calibrates_once_and_reads_the_cache(make_model, tmp_path):
@@ -66,46 +80,65 @@ def test_choose_k_calibrates_once_and_reads_the_cache(make_model, tmp_path):
     a = choose_k(student, 3, cache=tmp_path, timer=timer)
     assert (a.k, a.bucket, a.cached) == (2, 4, False)
     assert calls == [(4, (1, 2, 4))]
+    assert "k=2" in a.reason and "speed only" in a.note
     b = choose_k(student, 4, cache=tmp_path, timer=timer)
     assert (b.k, b.cached, b.tokens_per_s) == (2, True, a.tokens_per_s)
+    assert b.reason == a.reason + " (calibration read from the cache)"
     assert len(calls) == 1
     c = choose_k(student, 200, cache=tmp_path, timer=timer)
     assert (c.k, c.bucket, c.cached) == (1, 256, False)
     data = json.loads((tmp_path / "autok.json").read_text())
     entry = data[a.key]
     assert set(entry["batches"]) == {"4", "256"}
+    assert entry["batches"]["4"]["runs"] == {"1": [40.0], "2": [120.0], "4": [80.0]}
     assert entry["machine"]["threads"] == torch.get_num_threads()
     assert choose_k(student, 4, cache=tmp_path, timer=timer, recalibrate=True).cached is False
     assert len(calls) == 3
 
 
-def test_real_calibration_table(make_model):
-    student = tiny_student(make_model(), layout="shared")
-    table = measure_tokens_per_s(student, 2, [1, 2, 4], context=8)
-    assert sorted(table) == [1, 2, 4]
-    assert all(isinstance(v, float) and v > 0 for v in table.values())
+@pytest.mark.parametrize("layout", ["shared", "teacher-preserving"])
+def test_real_calibration_times_the_real_decoders(make_model, layout):
+    student = tiny_student(make_model(), layout=layout)
+    runs = measure_tokens_per_s(student, 2, [1, 2, 4], context=8, repeats=2, new_tokens=4)
+    assert sorted(runs) == [1, 2, 4]
+    assert all(len(v) == 2 and all(isinstance(x, float) and x > 0 for x in v)
+               for v in runs.values())
 
 
 def test_auto_for_a_plain_ar_model_is_k1(make_model, tmp_path):
     model = make_model()
     with pytest.raises(KForcingError, match="needs a K-Forcing student"):
         choose_k(model, 1, cache=tmp_path)
-    auto = auto_decoder(model, 4, cache=tmp_path)
-    assert auto.model is model and auto.k is None and auto.choice is None
+    auto = generate(model, [[1, 2, 3]], 4, k="auto", seed=1)
+    assert auto.tokens == generate(model, [[1, 2, 3]], 4, seed=1).tokens
+    assert "auto" not in auto.extra
 
 
-def test_generate_k_auto_cli(capsys, saved_tiny_model, student_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("table, k", [({1: 10.0, 2: 40.0, 4: 20.0}, "2"),
+                                      ({1: 50.0, 2: 40.0, 4: 20.0}, None)])
+def test_generate_k_auto_cli(capsys, saved_tiny_model, student_dir, tmp_path, monkeypatch, table,
+                             k):
+    """With a fake timer the choice is known, so `--k auto` prints exactly what `--k 2` (k wins)
+    or the teacher's AR (AR wins) prints; a plain model is AR either way."""
     monkeypatch.setenv("KFORCING_CACHE", str(tmp_path / "cache"))
-    for model in (saved_tiny_model, student_dir):
-        rc = main(["generate", "--model", str(model), "--prompt", "the river", "--k", "auto",
-                   "--max-new-tokens", "4", "--json"])
+    monkeypatch.setattr(autok, "measure_tokens_per_s",
+                        lambda s, B, ks, context: {kk: [table[kk]] * 3 for kk in ks})
+
+    def completion(model, *flags):
+        rc = main(["generate", "--model", str(model), "--prompt", "the river",
+                   "--max-new-tokens", "4", "--json", "--seed", "3", *flags])
         out, err = capsys.readouterr()
         assert rc == 0, err
-        assert len(json.loads(out.splitlines()[0])["tokens"]) <= 4
+        return json.loads(out.splitlines()[0])["tokens"], err
+
+    auto, err = completion(student_dir, "--k", "auto")
+    assert auto == completion(*((student_dir, "--k", k) if k else (saved_tiny_model,)))[0]
+    assert '"auto"' in err and "speed only" in err
+    assert completion(saved_tiny_model, "--k", "auto")[0] == completion(saved_tiny_model)[0]
     assert (tmp_path / "cache" / "autok.json").is_file()
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(saved_tiny_model), "--k", "three"])
-    assert "expected an integer or 'auto'" in capsys.readouterr().err
+    assert "or 'auto'" in capsys.readouterr().err
 
 
 # -- bench ---------------------------------------------------------------------------------------
@@ -142,14 +175,26 @@ def test_bench_writes_typed_rows_and_plots(make_model, tmp_path):
     assert {"method": "hf-assisted", "batch_size": 2,
             "reason": "transformers assisted generation supports batch size 1 only"
             } in res.skipped
+    # lossless runs with a student at every batch size (it is never skipped)
     lossless = [r for r in rows if r["method"] == "lossless"]
-    assert lossless or any(s["method"] == "lossless" for s in res.skipped)
+    assert [r["batch_size"] for r in lossless] == [1, 2]
+    assert not any(s["method"] == "lossless" for s in res.skipped)
     for r in lossless:
+        assert r["k"] == 4 and r["extra"]["fused"] is True
+        assert 1.0 <= r["extra"]["tokens_per_pass"] <= 5.0
         assert r["extra"]["mean_accepted_per_pass"] >= 0
+    auto = [r for r in rows if r["method"] == "kforcing-auto"]
+    assert all(r["extra"]["reason"] for r in auto)
     for key in ("tokens_png", "speedup_png"):
         assert paths[key].stat().st_size > 1000
     meta = json.loads(paths["meta"].read_text())
     assert meta["command"] == "test" and "kforcing k=4" in meta["speedup_over_ar"]
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0])
+def test_bench_temperature_must_be_finite_and_positive(temperature):
+    with pytest.raises(KForcingError, match="bench temperature must be a finite number > 0"):
+        BenchConfig(temperature=temperature)
 
 
 def test_bench_cli_without_student(capsys, saved_tiny_model, tmp_path):
@@ -168,7 +213,6 @@ def test_bench_cli_without_student(capsys, saved_tiny_model, tmp_path):
 # -- reproduce -----------------------------------------------------------------------------------
 
 def test_reproduce_smoke_and_resume(tiny_corpus, tmp_path, capsys):
-    from kforcing.recipes.reproduce import STEPS, ReproduceConfig, run_reproduce
     cfg = ReproduceConfig(
         out=str(tmp_path / "run"), results=str(tmp_path / "docs" / "RESULTS.md"),
         results_dir=str(tmp_path / "docs" / "results"), data=str(tiny_corpus.dir),

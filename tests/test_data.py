@@ -1,4 +1,5 @@
-"""Tests for kforcing.io.data: tiny corpora in tmp_path, no network (except the one marked test)."""
+"""Corpora, tokenizers and token streams (kforcing.io.corpora, .tokenizers, .tokens): tiny corpora
+in tmp_path, no network (except the one marked test)."""
 
 import io
 import json
@@ -12,23 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from kforcing.io import data
-from kforcing.io.data import (
-    EOS_TOKEN,
-    BlockLoader,
+from kforcing.errors import KForcingError
+from kforcing.io import corpora
+from kforcing.io.cache import cache_dir
+from kforcing.io.corpora import (
     Document,
-    TokenFile,
+    chunk_documents,
     clean_brown,
-    encode_documents,
-    eos_id,
     fetch_brown,
     load_documents,
-    load_tokenizer,
     prepare_corpus,
     split_documents,
-    train_tokenizer,
 )
-from kforcing.errors import KForcingError
+from kforcing.io.tokenizers import EOS_TOKEN, eos_id, load_tokenizer, train_tokenizer
+from kforcing.io.tokens import BlockLoader, TokenFile, encode_documents, write_token_file
 
 TAGGED = (
     "\n\n\tThe/at Fulton/np-tl County/nn-tl Grand/jj-tl Jury/nn-tl said/vbd Friday/nr an/at "
@@ -195,11 +193,11 @@ def test_load_errors(tmp_path, monkeypatch):
 
 def test_cache_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("KFORCING_CACHE", str(tmp_path / "env"))
-    assert data.cache_dir() == tmp_path / "env" and (tmp_path / "env").is_dir()
-    assert data.cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert cache_dir() == tmp_path / "env" and (tmp_path / "env").is_dir()
+    assert cache_dir(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("KFORCING_CACHE")
     monkeypatch.chdir(tmp_path)
-    assert data.cache_dir() == Path(".cache") and (tmp_path / ".cache").is_dir()
+    assert cache_dir() == Path(".cache") and (tmp_path / ".cache").is_dir()
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -338,13 +336,13 @@ def test_prepare_corpus_end_to_end_and_reuse(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("prepare_corpus should have reused the cached corpus")
 
-    monkeypatch.setattr(data, "train_tokenizer", boom)
-    monkeypatch.setattr(data, "encode_documents", boom)
+    monkeypatch.setattr(corpora, "train_tokenizer", boom)
+    monkeypatch.setattr(corpora, "encode_documents", boom)
     again = prepare_corpus(str(corpus), vocab_size=300, cache=tmp_path / "cache", progress=False)
     assert again == prep
     # Reusing the prepared tokenizer for another split seed re-encodes without training.
     monkeypatch.undo()
-    monkeypatch.setattr(data, "train_tokenizer", boom)
+    monkeypatch.setattr(corpora, "train_tokenizer", boom)
     other = prepare_corpus(
         str(corpus),
         tmp_path / "other",
@@ -353,3 +351,76 @@ def test_prepare_corpus_end_to_end_and_reuse(tmp_path, monkeypatch):
         progress=False,
     )
     assert other.stats["vocab_size"] == stats["vocab_size"]
+
+
+# ----------------------------------------------------------------------------- issue 13 item 1
+
+
+def _book(n_paragraphs: int = 120, seed: int = 0) -> str:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    rng = np.random.default_rng(seed)
+    return "\n\n".join(" ".join(rng.choice(words, size=30)) for _ in range(n_paragraphs)) + "\n"
+
+
+@pytest.mark.parametrize("n_files", [1, 2])
+def test_prepare_one_book_or_two_files_fills_every_split(tmp_path, n_files):
+    """One large text file (or a folder of two) used to give validation/test 0 tokens, exit 0."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(n_files):
+        (src / f"book{i}.txt").write_text(_book(seed=i))
+    source = src / "book0.txt" if n_files == 1 else src
+    prep = prepare_corpus(str(source), tmp_path / "out", vocab_size=300, progress=False)
+    for name in ("train", "validation", "test"):
+        assert len(TokenFile(getattr(prep, name))) > 0, name
+        assert prep.stats["documents"][name] > 0, name
+    assert prep.stats["tokens"]["train"] > 5 * prep.stats["tokens"]["validation"]
+
+
+def test_prepare_refuses_a_corpus_too_small_to_hold_out(tmp_path):
+    (tmp_path / "tiny.txt").write_text("just a few words\n")
+    with pytest.raises(KForcingError, match="too small") as e:
+        prepare_corpus(str(tmp_path / "tiny.txt"), tmp_path / "out", vocab_size=300,
+                       progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "corpus.json").exists()
+
+
+def test_chunk_documents_cuts_at_paragraphs_and_keeps_the_text():
+    text = _book(50)
+    pieces = chunk_documents([Document("b", text, "fiction")], pieces=10)
+    assert 8 <= len(pieces) <= 12
+    assert [p.id for p in pieces] == [f"b#{i}" for i in range(len(pieces))]
+    assert all(p.category == "fiction" for p in pieces)
+    assert "\n\n".join(p.text for p in pieces) == text.strip()  # cut only at paragraph breaks
+    # no paragraph or line break at all: cut at spaces
+    flat = chunk_documents([Document("f", " ".join(["word"] * 1000))], pieces=10)
+    assert " ".join(p.text for p in flat) == " ".join(["word"] * 1000)
+
+
+def test_write_token_file_round_trip_and_dtype(tmp_path):
+    chunks = [np.arange(5), np.arange(5, 12)]
+    n = write_token_file(tmp_path / "a.bin", iter(chunks), vocab_size=300, num_documents=2)
+    tf = TokenFile(tmp_path / "a.bin")
+    assert n == len(tf) == 12 and tf.tokens.tolist() == list(range(12))
+    assert tf.meta == {"dtype": "uint16", "num_tokens": 12, "num_documents": 2,
+                       "vocab_size": 300}
+    write_token_file(tmp_path / "b.bin", [np.array([70_000])], vocab_size=100_000,
+                     num_documents=1)
+    assert TokenFile(tmp_path / "b.bin").tokens.tolist() == [70_000]
+
+
+def test_prepared_files_follow_the_umask(tmp_path):
+    """One atomic writer for every file: data files get the mode open() gives (they used a
+    fixed 0o644), so a group-private umask keeps them group-private."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(_book(30))
+    old = os.umask(0o027)
+    try:
+        prep = prepare_corpus(str(src), tmp_path / "out", vocab_size=300, progress=False)
+    finally:
+        os.umask(old)
+    for f in prep.dir.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
+    assert not list(prep.dir.glob("*.tmp"))

@@ -9,19 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kforcing.io.checkpoint import load_model
-from kforcing.training.distill import (
-    STUDENT_FILE,
-    STUDENT_JSON,
-    DistillConfig,
-    Distiller,
-    ar_rollout,
-    invert_noise,
-    load_student,
-)
-from kforcing.errors import KForcingError
-from kforcing.students.pushforward import StudentConfig
 from kforcing.core.sampling import SamplingConfig, inverse_cdf, sample
+from kforcing.errors import KForcingError
+from kforcing.io.checkpoint import load_model
+from kforcing.students.pushforward import StudentConfig
+from kforcing.students.store import STUDENT_FILE, STUDENT_JSON, load_student
+from kforcing.students.targets import ar_rollout, invert_noise
+from kforcing.training.distill import DistillConfig, Distiller, stage_student_config
 
 ORDERS = ("vocab", "sorted")
 TAU = torch.tensor([1.0, 0.6], dtype=torch.float64)
@@ -340,8 +334,48 @@ def test_stage_must_keep_layout_and_head(stage1, saved_tiny_model, tiny_corpus, 
         init=str(out1),
         student=StudentConfig(max_k=4, layout="teacher-preserving"),
     )
-    with pytest.raises(KForcingError, match="layout and head"):
+    with pytest.raises(KForcingError, match="layout and head") as e:
         Distiller(cfg, progress=False)
+    # both values are named
+    assert "layout 'teacher-preserving' here, 'shared' in" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def tp_stage1(saved_tiny_model, tiny_corpus, tmp_path_factory):
+    """A 1-step stage-1 run of a teacher-preserving, inverse-cdf, sorted-CDF student."""
+    out = tmp_path_factory.mktemp("distill") / "tp-k1"
+    student = StudentConfig(max_k=4, layout="teacher-preserving", head="inverse-cdf",
+                            cdf_order="sorted")
+    Distiller(make_cfg(saved_tiny_model, tiny_corpus, out, max_steps=1, student=student),
+              progress=False).fit()
+    return out, student
+
+
+def test_stage_with_init_inherits_layout_and_head(tp_stage1, saved_tiny_model, tiny_corpus,
+                                                  tmp_path):
+    """issue 13 item 6: `distill --k 2 --init DIR` without repeating --layout / --head."""
+    init, trained = tp_stage1
+    cfg = stage_student_config(str(init), {})
+    assert cfg == trained
+    assert stage_student_config(str(init), {"max_k": 2}) == StudentConfig(
+        **{**trained.__dict__, "max_k": 2})
+    assert stage_student_config(None, {"head": "inverse-cdf"}) == StudentConfig(head="inverse-cdf")
+    d = Distiller(make_cfg(saved_tiny_model, tiny_corpus, tmp_path, k=2, init=str(init),
+                           max_steps=1, student=cfg), progress=False)
+    assert d.student.config == trained and d.student.teacher is d.prev.teacher
+
+
+@pytest.mark.parametrize("flags, named", [
+    ({"layout": "shared"}, "layout 'shared' here, 'teacher-preserving' in"),
+    ({"head": "argmax"}, "head 'argmax' here, 'inverse-cdf' in"),
+    ({"cdf_order": "vocab"}, "cdf_order 'vocab' here, 'sorted' in"),
+])
+def test_stage_with_init_refuses_a_contradicting_flag(tp_stage1, flags, named):
+    init, _ = tp_stage1
+    with pytest.raises(KForcingError, match="layout and head") as e:
+        stage_student_config(str(init), flags)
+    assert named in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -389,8 +423,8 @@ def test_exact_k1_map_gives_ar_rollout_targets_for_k2(
 def test_match_rates_of_a_perfect_map_are_one(teacher, tiny_corpus, order):
     """teacher-preserving + inverse-cdf at k=1 samples exactly like the teacher: match 1.0,
     while a shared argmax student with a random noise encoder does not."""
-    from kforcing.io.data import TokenFile
-    from kforcing.evaluation.evaluate import build_match_set, match_rates
+    from kforcing.evaluation.match import build_match_set, match_rates
+    from kforcing.io.tokens import TokenFile
     from kforcing.students.pushforward import PushForward
 
     split = TokenFile(tiny_corpus.validation)

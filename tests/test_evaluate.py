@@ -12,25 +12,30 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kforcing.io.checkpoint import load_model
 from kforcing.cli.main import main
-from kforcing.io.data import TokenFile
-from kforcing.training.distill import save_student, teacher_conditionals
+from kforcing.core.noise import NoiseStream
+from kforcing.errors import KForcingError
 from kforcing.evaluation.evaluate import (
     EvalConfig,
     build_eval_set,
-    distinct_n,
-    eval_markdown,
     evaluate,
     evaluate_student,
-    first_token_tv,
-    generative_perplexity,
-    judge_perplexity,
     rollout_ar,
     rollout_kforcing,
+)
+from kforcing.evaluation.match import first_token_tv
+from kforcing.evaluation.quality import (
+    distinct_n,
+    generative_perplexity,
+    judge_perplexity,
     unigram_entropy,
 )
+from kforcing.io.checkpoint import load_model
+from kforcing.io.data import TokenFile
+from kforcing.recipes.eval_report import eval_markdown
 from kforcing.students.pushforward import PushForward, StudentConfig, WindowOutput
+from kforcing.students.store import save_student
+from kforcing.students.targets import teacher_conditionals
 
 # the saved tiny model has a 32-token context: prompt 8 + 12 new tokens + windows fit
 SMALL = dict(prompts=6, prompt_len=8, new_tokens=12, context_len=16, windows=32, tv_contexts=3,
@@ -83,21 +88,40 @@ def test_perfect_student_matches_everything_and_has_zero_tv(teacher, split, tiny
     assert math.isfinite(t["gen_ppl_teacher"]) and t["gen_ppl_teacher"] > 1
 
 
-def test_rollouts_from_the_same_uniforms(teacher, split):
-    """rollout_ar is an explicit uncached AR loop; a perfect map at k=1 reproduces it, while
-    k=2 (its second token is not trained) does not."""
+def test_rollouts_from_the_same_noise(teacher, split):
+    """rollout_ar equals an explicit uncached AR loop on the row's uniforms; a perfect map at
+    k=1 reproduces it, while k=2 (its second token is not trained) does not."""
     eset = build_eval_set(teacher, split, EvalConfig(**SMALL))
-    prompts, u = eset.prompts[:3], eset.u[:3]
-    y = rollout_ar(teacher, prompts, u, 1.0)
+    prompts, noise, L = eset.prompts[:3], eset.noise.rows([0, 1, 2]), SMALL["new_tokens"]
+    y = rollout_ar(teacher, prompts, noise, L, 1.0)
+    assert y.shape == (3, L)
     seq = prompts
     with torch.no_grad():
-        for j in range(u.shape[1]):
+        for j in range(L):
+            u = noise.uniforms(torch.full((3, 1), j))
             tok = torch.searchsorted(teacher(seq)[:, -1].softmax(-1).double().cumsum(-1),
-                                     u[:, j:j + 1] * 1.0, right=True)[:, 0]
+                                     u, right=True)[:, 0]
             assert torch.equal(tok, y[:, j]), j
             seq = torch.cat([seq, tok[:, None]], 1)
-    assert torch.equal(rollout_kforcing(perfect(teacher), prompts, u, 1.0, 1), y)
-    assert rollout_kforcing(perfect(teacher), prompts, u, 1.0, 2).shape == y.shape
+    assert torch.equal(rollout_kforcing(perfect(teacher), prompts, noise, L, 1.0, 1), y)
+    assert rollout_kforcing(perfect(teacher), prompts, noise, L, 1.0, 2).shape == y.shape
+
+
+def test_eval_noise_is_per_prompt_and_per_seed(teacher, split):
+    """A prompt's sample does not depend on the batch size it was decoded in, and eval seeds
+    give distinct noise rows."""
+    a = build_eval_set(teacher, split, EvalConfig(**SMALL))
+    b = build_eval_set(teacher, split, EvalConfig(**{**SMALL, "batch_size": 1}))
+    assert torch.equal(a.teacher_samples(teacher, "vocab"), b.teacher_samples(teacher, "vocab"))
+    c = build_eval_set(teacher, split, EvalConfig(**{**SMALL, "seed": 1}))
+    assert not set(a.noise.seeds) & set(c.noise.seeds)
+    assert isinstance(a.noise, NoiseStream) and len(a.noise) == SMALL["prompts"]
+
+
+@pytest.mark.parametrize("tau", [float("nan"), float("inf"), 0.0])
+def test_eval_tau_must_be_finite_and_positive(tau):
+    with pytest.raises(KForcingError, match="tau must be a finite number > 0"):
+        EvalConfig(tau=tau)
 
 
 def test_evaluation_is_deterministic(teacher, split):

@@ -1,14 +1,17 @@
-"""Autoregressive generation: determinism, ragged batches, EOS, prompt checks, pass counts."""
+"""Autoregressive generation: determinism, per-row noise, ragged batches, EOS, prompt checks,
+pass counts, frequency penalty and the `generate` entry's options."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kforcing.errors import KForcingError
-from kforcing.decoding.generate import generate, generate_ar
 from kforcing.core.kv_cache import KVCache
-from kforcing.core.sampling import SamplingConfig, make_generator, sample, uniforms
+from kforcing.core.noise import NoiseStream
+from kforcing.core.sampling import SamplingConfig, sample, token_noise
+from kforcing.decoding.ar import generate_ar
+from kforcing.decoding.generate import generate
+from kforcing.errors import KForcingError
 
 GREEDY = SamplingConfig(temperature=0.0)
 PROMPTS = [[5, 17, 200], [1, 2, 3, 4, 5, 6, 7], [250, 9, 9, 31, 64]]
@@ -23,23 +26,25 @@ def test_same_seed_same_tokens_different_seed_differs(make_model):
     assert a.tokens != c.tokens
     assert all(len(t) == 16 for t in a.tokens)
     assert all(0 <= t < model.config.vocab_size for row in a.tokens for t in row)
-    # a torch.Generator is accepted as the seed as well
-    d = generate(model, PROMPTS, 16, seed=make_generator(123))
+    # the seed is the noise stream of rows seeded 123, 124, 125
+    d = generate(model, PROMPTS, 16, noise=NoiseStream([123, 124, 125]))
     assert d.tokens == a.tokens
 
 
-def test_sampled_tokens_match_reference_loop(make_model):
-    """One uniform per token from the seeded generator, fed through sample() on full forwards."""
+@pytest.mark.parametrize("coupling", ["inverse-cdf", "gumbel"])
+def test_sampled_tokens_match_reference_loop(make_model, coupling):
+    """Token j is sample() of the full, uncached forward with noise index j of the row's seed."""
     model = make_model(seed=1)
     prompt, n = [3, 1, 4, 1, 5], 12
-    cfg = SamplingConfig(temperature=1.0, top_k=50)
+    cfg = SamplingConfig(temperature=1.0, top_k=50, coupling=coupling)
     res = generate(model, [prompt], n, sampling=cfg, seed=7)
-    gen = make_generator(7)
+    stream = NoiseStream([7])
     seq = list(prompt)
     with torch.inference_mode():
-        for _ in range(n):
+        for j in range(n):
             logits = model(torch.tensor([seq]))[:, -1]
-            seq.append(int(sample(logits, uniforms((1,), gen), cfg)[0]))
+            noise = token_noise(stream, torch.tensor([[j]]), cfg, model.config.vocab_size)
+            seq.append(int(sample(logits, noise[:, 0], cfg)[0]))
     assert res.tokens == [seq[len(prompt) :]]
 
 
@@ -59,14 +64,27 @@ def test_greedy_ragged_batch_equals_each_prompt_alone(make_model):
 
 
 def test_sampled_ragged_batch_rows_are_independent_of_padding(make_model):
-    """Row b of a batch uses the b-th uniform of each step: with one prompt per row repeated, the
-    rows of a sampled batch equal each other only if padding does not leak into them."""
+    """Row b of a batch uses row b's noise: with one prompt per row repeated, the rows of a
+    sampled batch equal each other only if padding does not leak into them."""
     model = make_model(seed=4)
     p = [10, 20, 30]
     res = generate(model, [p, [99, 98, 97, 96, 95, 94], p], 10, seed=0)
     alone = generate(model, [p, p, p], 10, seed=0)
     assert res.tokens[0] == alone.tokens[0]
     assert res.tokens[2] == alone.tokens[2]
+
+
+@pytest.mark.parametrize("coupling", ["inverse-cdf", "gumbel"])
+def test_a_rows_output_does_not_depend_on_its_batch(make_model, coupling):
+    """Seed 5 alone, or as row 1 of a batch of 3 with other prompts and seeds: the same text."""
+    model = make_model(seed=4)
+    cfg = SamplingConfig(coupling=coupling)
+    p = [10, 20, 30]
+    alone = generate(model, [p], 12, sampling=cfg, noise=NoiseStream([5]))
+    batch = generate(model, [[7, 7, 7, 7, 7, 7], p, [1]], 12, sampling=cfg,
+                     noise=NoiseStream([11, 5, 2]))
+    assert batch.tokens[1] == alone.tokens[0]
+    assert batch.tokens[0] != batch.tokens[1]
 
 
 def test_forward_passes_equal_new_tokens(make_model):
@@ -140,7 +158,7 @@ def test_eos_model_via_output_weights(make_model):
     [
         ([], 5, "no prompts"),
         ([[1, 2], []], 5, "prompt 1 is empty"),
-        ([[1] * 30], 3, "prompt 0 has 30 tokens.*context of 32"),
+        ([[1] * 30], 3, "prompt 0 has 30 tokens.*the model's context of 32 tokens$"),
         ([[1, 2, 32000]], 3, "token id 32000 outside the vocabulary of 256"),
         ([[1, -1]], 3, "token id -1 outside the vocabulary"),
         ([[1, 2]], -1, "max_new_tokens"),
@@ -165,3 +183,60 @@ def test_reusing_a_cache(make_model):
     b = generate_ar(model, PROMPTS, 6, seed=9, cache=cache)
     c = generate_ar(model, PROMPTS, 6, seed=9)
     assert a.tokens == b.tokens == c.tokens
+
+
+def test_frequency_penalty_is_applied_to_a_plain_model(make_model):
+    """Issue 13 item 4: a penalty far larger than any logit gap never repeats a token; zero
+    changes nothing; a penalty is the same as subtracting penalty x counts from the logits."""
+    model = make_model(seed=6)
+    base = generate(model, PROMPTS, 30, seed=1, sampling=GREEDY)
+    assert generate(model, PROMPTS, 30, seed=1, sampling=GREEDY,
+                    frequency_penalty=0.0).tokens == base.tokens
+    assert any(len(set(row)) < len(row) for row in base.tokens)
+    huge = generate(model, PROMPTS, 30, seed=1, sampling=GREEDY, frequency_penalty=1e6)
+    assert all(len(set(row)) == len(row) == 30 for row in huge.tokens)
+    # the reference: greedy on uncached logits minus 0.5 x counts so far
+    pen = generate(model, PROMPTS[:1], 10, sampling=GREEDY, frequency_penalty=0.5)
+    seq, counts = list(PROMPTS[0]), torch.zeros(model.config.vocab_size)
+    with torch.inference_mode():
+        for _ in range(10):
+            tok = int((model(torch.tensor([seq]))[0, -1] - 0.5 * counts).argmax())
+            seq.append(tok)
+            counts[tok] += 1
+    assert pen.tokens == [seq[len(PROMPTS[0]):]]
+
+
+def test_generate_takes_sampling_shortcuts_for_a_plain_model(make_model):
+    """Issue 13 item 5: temperature= / top_k= / top_p= work on a teacher (was a TypeError)."""
+    model = make_model(seed=3)
+    cfg = SamplingConfig(temperature=0.7, top_k=20, top_p=0.9)
+    ref = generate(model, PROMPTS, 8, sampling=cfg, seed=2)
+    assert generate(model, PROMPTS, 8, temperature=0.7, top_k=20, top_p=0.9,
+                    seed=2).tokens == ref.tokens
+    # shortcuts override the config's fields
+    assert generate(model, PROMPTS, 8, sampling=SamplingConfig(temperature=0.1), temperature=0.7,
+                    top_k=20, top_p=0.9, seed=2).tokens == ref.tokens
+    assert generate(model, PROMPTS, 8, temperature=1.0).num_tokens == 8 * len(PROMPTS)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_bad_temperature_is_refused_in_one_line(make_model, value):
+    """Issue 13 item 3: nan / inf temperatures are refused (were accepted, exit 0)."""
+    model = make_model()
+    with pytest.raises(KForcingError, match="temperature") as e:
+        generate(model, PROMPTS, 4, temperature=value)
+    assert "\n" not in str(e.value)
+
+
+def test_plain_model_refuses_student_modes(make_model):
+    model = make_model()
+    for mode in ("kforcing", "lossless"):
+        with pytest.raises(KForcingError, match=f"mode '{mode}' needs a K-Forcing student"):
+            generate(model, PROMPTS, 4, mode=mode)
+    with pytest.raises(KForcingError, match="mode must be one of"):
+        generate(model, PROMPTS, 4, mode="fast")
+    with pytest.raises(KForcingError, match="k must be a positive integer or 'auto'"):
+        generate(model, PROMPTS, 4, k="three")
+    # k="auto" on a plain model is AR
+    assert generate(model, PROMPTS, 4, k="auto", seed=1).tokens == \
+        generate(model, PROMPTS, 4, seed=1).tokens

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kforcing.core.config import ModelConfig
-from kforcing.errors import KForcingError
 from kforcing.core.model import Transformer
+from kforcing.errors import KForcingError
 
 transformers = pytest.importorskip("transformers")
 from kforcing.io.hf import (  # noqa: E402

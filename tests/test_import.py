@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import kforcing
-from kforcing.io.checkpoint import load_model
 from kforcing.errors import KForcingError
+from kforcing.io.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")
 from kforcing.io.hf import from_hf_model, to_hf_model  # noqa: E402
@@ -51,8 +51,8 @@ def _same_as_hf(hf, ours, vocab=128, new=12):
     ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
-    from kforcing.decoding.generate import generate_ar
     from kforcing.core.sampling import SamplingConfig
+    from kforcing.decoding.ar import generate_ar
     prompt = ids[:1, :8]
     ref = hf.generate(prompt, max_new_tokens=new, do_sample=False, eos_token_id=None,
                       pad_token_id=0)[0, 8:].tolist()
@@ -174,7 +174,7 @@ def _write_gguf(path, hf, tokenizer_json: dict, arch: str = "llama"):
 def tiny_gguf(tmp_path, tiny_corpus):
     from tokenizers import AddedToken
 
-    from kforcing.io.data import load_tokenizer
+    from kforcing.io.tokenizers import load_tokenizer
     tok = load_tokenizer(tiny_corpus.tokenizer_path)
     tok.add_special_tokens([AddedToken("<|im_start|>", special=True),
                             AddedToken("<|im_end|>", special=True)])
@@ -206,7 +206,7 @@ def test_gguf_import_matches_source_model_and_tokenizer(tiny_gguf, tmp_path):
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_cfg["chat_template"] == CHAT_TEMPLATE
     # our tokenizer.json encodes and renders the chat exactly like transformers' tokenizer
-    from kforcing.io.data import load_tokenizer
+    from kforcing.io.tokenizers import load_tokenizer
     tok = load_tokenizer(out)
     msgs = [{"role": "user", "content": "The river was quiet."}]
     text = render_chat(tok_cfg, msgs)
@@ -260,9 +260,10 @@ def test_save_load_reproduces_generation_bit_for_bit(saved_tiny_model, tmp_path,
 
 
 def test_save_from_a_distillation_run_records_training(saved_tiny_model, tiny_corpus, tmp_path):
-    from kforcing.training.distill import DistillConfig, distill, load_student
     from kforcing.decoding.generate import generate
     from kforcing.students.pushforward import StudentConfig
+    from kforcing.students.store import load_student
+    from kforcing.training.distill import DistillConfig, distill
     cfg = DistillConfig(teacher=str(saved_tiny_model), data=str(tiny_corpus.dir),
                         out_dir=str(tmp_path / "run"), k=1, max_steps=2, time_budget_min=None,
                         block_size=16, windows=4, batch_size=2, eval_contexts=8,
@@ -285,8 +286,8 @@ def test_save_from_a_distillation_run_records_training(saved_tiny_model, tiny_co
 
 
 def test_train_last_blocks_freezes_the_rest(saved_tiny_model, tiny_corpus, tmp_path):
-    from kforcing.training.distill import DistillConfig, Distiller
     from kforcing.students.pushforward import StudentConfig
+    from kforcing.training.distill import DistillConfig, Distiller
     cfg = DistillConfig(teacher=str(saved_tiny_model), data=str(tiny_corpus.dir),
                         out_dir=str(tmp_path / "run"), k=1, max_steps=1, block_size=16,
                         windows=4, batch_size=2, eval_contexts=8, student=StudentConfig(max_k=2),
@@ -301,8 +302,8 @@ def test_train_last_blocks_freezes_the_rest(saved_tiny_model, tiny_corpus, tmp_p
 
 
 def test_data_free_distillation_samples_the_teacher(saved_tiny_model, tmp_path):
-    from kforcing.training.distill import DistillConfig, Distiller
     from kforcing.students.pushforward import StudentConfig
+    from kforcing.training.distill import DistillConfig, Distiller
     cfg = DistillConfig(teacher=str(saved_tiny_model), data_free=True, data_free_tokens=512,
                         out_dir=str(tmp_path / "run"), k=1, max_steps=1, block_size=8,
                         windows=4, batch_size=2, eval_contexts=8, student=StudentConfig(max_k=2))

@@ -1,18 +1,27 @@
 """K-Forcing decoding: determinism, exact token counts and pass counts, any k <= max_k, ragged
-batches, EOS, frequency penalty, the `generate` entry point and prompt checks."""
+batches, per-row noise, EOS, frequency penalty, the `generate` entry point (modes, k="auto",
+options a student cannot honour) and prompt checks."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
-from kforcing.errors import KForcingError
-from kforcing.decoding.generate import generate, generate_kforcing
 from kforcing.core.kv_cache import KVCache
-from kforcing.students.pushforward import PushForward, StudentConfig
+from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
+from kforcing.decoding import autok
+from kforcing.decoding.ar import generate_ar
+from kforcing.decoding.feedback import generate_feedback
+from kforcing.decoding.generate import generate
+from kforcing.decoding.kforcing import generate_kforcing
+from kforcing.decoding.lossless import generate_lossless
+from kforcing.errors import KForcingError
+from kforcing.students.feedback import FeedbackConfig, FeedbackStudent
+from kforcing.students.pushforward import PushForward, StudentConfig
 
 PROMPTS = [[5, 17, 200], [1, 2, 3, 4, 5, 6, 7], [250, 9, 9, 31, 64]]
 
@@ -192,7 +201,9 @@ def test_bad_arguments_raise(student):
         ({"k": 5}, "max_k=4"),
         ({"k": 0}, "positive"),
         ({"temperature": 0.0}, "tau"),
-        ({"temperature": -1.0}, "tau"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
     ):
         with pytest.raises(KForcingError, match=msg) as e:
             generate_kforcing(student, PROMPTS, 4, **kw)
@@ -208,3 +219,149 @@ def test_prompt_plus_new_tokens_beyond_context_raises(make_model):
         generate_kforcing(student, [[1, 2], []], 4, k=2)
     with pytest.raises(KForcingError, match="outside the vocabulary"):
         generate_kforcing(student, [[1, 999]], 4, k=2)
+
+
+def test_the_context_message_says_why_each_decoder_has_less(make_model):
+    """Issue 13 item 10: the teacher, the student and lossless state different usable contexts
+    (32 / 30 / 28 here) and now say why."""
+    student = make_student(make_model, layout="teacher-preserving", max_k=2)
+    teacher = student.teacher
+    ctx = teacher.config.max_seq_len
+    prompt = [[1] * 10]
+    with pytest.raises(KForcingError) as e:
+        generate_ar(teacher, prompt, ctx)
+    assert str(e.value).endswith(f"exceeds the model's context of {ctx} tokens")
+    with pytest.raises(KForcingError) as e:
+        generate_kforcing(student, prompt, ctx - 11, k=2)
+    assert str(e.value).endswith(f"exceeds the usable context of {ctx - 2} tokens (the model's "
+                                 f"context of {ctx} minus k=2 slots the K-Forcing window needs)")
+    with pytest.raises(KForcingError) as e:
+        generate_lossless(student, prompt, ctx - 13, k=2)
+    assert str(e.value).endswith(f"exceeds the usable context of {ctx - 4} tokens (the model's "
+                                 f"context of {ctx} minus 2k=4 slots the lossless window needs)")
+
+
+@pytest.mark.parametrize("layout", ["shared", "teacher-preserving"])
+def test_a_rows_output_does_not_depend_on_its_batch(make_model, layout):
+    """Seed 5 alone, or as row 1 of a batch of 3 with other prompts and seeds: the same text."""
+    student = make_student(make_model, layout, "inverse-cdf")
+    p = [10, 20, 30]
+    for k in (1, 3):
+        alone = generate_kforcing(student, [p], 10, k=k, noise=NoiseStream([5]))
+        batch = generate_kforcing(student, [[7] * 6, p, [1]], 10, k=k,
+                                  noise=NoiseStream([11, 5, 2]))
+        assert batch.tokens[1] == alone.tokens[0], k
+
+
+def test_window_n_reads_the_uniforms_of_tokens_n_to_n_plus_k(make_model):
+    """A perfect map (teacher-preserving, inverse-cdf head, k=1) is the teacher's AR sampler;
+    with the same noise it reproduces AR decoding at every k=1 pass."""
+    student = make_student(make_model, "teacher-preserving", "inverse-cdf")
+    kf = generate_kforcing(student, PROMPTS, 12, k=1, seed=4)
+    ar = generate_ar(student.teacher, PROMPTS, 12, seed=4)
+    assert kf.tokens == ar.tokens
+
+
+@pytest.mark.parametrize("kw, flag", [({"top_k": 5}, "top_k=5"), ({"top_p": 0.5}, "top_p=0.5")])
+def test_student_refuses_filters_it_cannot_honour(make_model, kw, flag):
+    """Issue 13 item 4: top-k / top-p on a student were silently dropped."""
+    student = make_student(make_model, "teacher-preserving", "argmax")
+    with pytest.raises(KForcingError, match=flag) as e:
+        generate(student, PROMPTS, 4, **kw)
+    assert "\n" not in str(e.value)
+    with pytest.raises(KForcingError, match=flag):
+        generate_kforcing(student, PROMPTS, 4, sampling=SamplingConfig(**kw))
+    # the teacher samples in lossless mode, so there they are honoured
+    res = generate(student, PROMPTS, 4, mode="lossless", seed=1, **kw)
+    assert res.tokens == generate(student.teacher, PROMPTS, 4, seed=1, **kw).tokens
+
+
+def test_student_refuses_another_cdf_order_and_gumbel(student):
+    with pytest.raises(KForcingError, match="cdf_order 'sorted'.*trained with cdf_order 'vocab'"):
+        generate(student, PROMPTS, 4, sampling=SamplingConfig(cdf_order="sorted"))
+    with pytest.raises(KForcingError, match="coupling 'gumbel'"):
+        generate(student, PROMPTS, 4, sampling=SamplingConfig(coupling="gumbel"))
+
+
+def test_temperature_outside_the_trained_range_warns_once(student):
+    """Issue 13 item 12: a temperature outside the student's trained tau range gets a warning."""
+    student.trained_tau = (0.7, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(student, PROMPTS, 4, temperature=0.8)
+    with pytest.warns(UserWarning, match=r"temperature 3 is outside .*\[0.7, 1\]") as rec:
+        generate(student, PROMPTS, 4, temperature=3.0)
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+
+
+def test_mode_ar_with_a_student_decodes_its_teacher(make_model):
+    tp = make_student(make_model, "teacher-preserving", "argmax")
+    res = generate(tp, PROMPTS, 8, mode="ar", seed=2, temperature=0.8)
+    assert res.tokens == generate_ar(tp.teacher, PROMPTS, 8, seed=2,
+                                     sampling=SamplingConfig(temperature=0.8)).tokens
+    shared = make_student(make_model, "shared", "argmax")
+    with pytest.raises(KForcingError, match="needs its teacher"):
+        generate(shared, PROMPTS, 8, mode="ar")
+    teacher = make_model()
+    assert generate(shared, PROMPTS, 8, mode="ar", teacher=teacher, seed=2).tokens == \
+        generate(teacher, PROMPTS, 8, seed=2).tokens
+    with pytest.raises(KForcingError, match="k=2 needs mode"):
+        generate(tp, PROMPTS, 8, mode="ar", k=2)
+
+
+def fake_timer(table):
+    """A Timer that reports fixed tokens/s per k (three identical runs each)."""
+    def timer(student, batch_size, ks, context):
+        return {k: [table[k]] * 3 for k in ks}
+    return timer
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("KFORCING_CACHE", str(tmp_path / "cache"))
+
+
+def test_k_auto_uses_the_winning_k_and_says_it_looks_at_speed_only(make_model, monkeypatch,
+                                                                   cache_env):
+    student = make_student(make_model, "teacher-preserving", "argmax")
+    monkeypatch.setattr(autok, "measure_tokens_per_s", fake_timer({1: 10.0, 2: 30.0, 4: 20.0}))
+    res = generate(student, PROMPTS, 6, k="auto", seed=3)
+    assert res.tokens == generate(student, PROMPTS, 6, k=2, seed=3).tokens
+    auto = res.extra["auto"]
+    assert auto["k"] == 2 and auto["decoded_with"] == "kforcing"
+    assert "speed only" in auto["note"] and "k=2" in auto["reason"]
+
+
+def test_k_auto_lossless_falls_back_to_ar_when_ar_wins(make_model, monkeypatch, cache_env):
+    """Issue 10: `--k auto --lossless` failed whenever AR won the calibration; now the teacher
+    decodes plain AR (the same tokens lossless would give)."""
+    student = make_student(make_model, "teacher-preserving", "argmax")
+    monkeypatch.setattr(autok, "measure_tokens_per_s", fake_timer({1: 100.0, 2: 60.0, 4: 30.0}))
+    res = generate(student, PROMPTS, 8, k="auto", mode="lossless", seed=5)
+    assert res.extra["auto"]["k"] == 1 and res.extra["auto"]["decoded_with"] == "ar (the teacher)"
+    assert res.tokens == generate(student, PROMPTS, 8, k=2, mode="lossless", seed=5).tokens
+    assert res.tokens == generate_ar(student.teacher, PROMPTS, 8, seed=5).tokens
+    # a student's kforcing mode falls back to its teacher's AR too
+    kf = generate(student, PROMPTS, 8, k="auto", seed=5)
+    assert kf.tokens == res.tokens and kf.extra["auto"]["decoded_with"] == "ar (the teacher)"
+    # a shared-layout student without its teacher at hand decodes its own one-token windows
+    shared = make_student(make_model, "shared", "argmax")
+    own = generate(shared, PROMPTS, 8, k="auto", seed=5)
+    assert own.extra["auto"]["decoded_with"] == "kforcing"
+    assert own.tokens == generate_kforcing(shared, PROMPTS, 8, k=1, seed=5).tokens
+
+
+def test_generate_dispatches_a_feedback_student(make_model):
+    """Modes of the token-feedback student go to its decoder; its lossless mode and mode 'ar'
+    are the teacher's AR sampling under the student's coupling (Gumbel by default)."""
+    teacher = make_model(seed=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        fb = FeedbackStudent(teacher, FeedbackConfig(max_k=3)).eval()
+    gumbel = SamplingConfig(coupling="gumbel")
+    ar = generate_ar(teacher, PROMPTS, 9, sampling=gumbel, seed=4)
+    assert generate(fb, PROMPTS, 9, mode="ar", seed=4).tokens == ar.tokens
+    assert generate(fb, PROMPTS, 9, mode="lossless", k=3, seed=4).tokens == ar.tokens
+    kf = generate(fb, PROMPTS, 9, k=3, seed=4)
+    assert kf.tokens == generate_feedback(fb, PROMPTS, 9, k=3, seed=4).tokens
+    assert kf.extra["k"] == 3

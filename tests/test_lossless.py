@@ -1,22 +1,30 @@
 """Lossless mode: token-identical to AR sampling from the teacher with the same per-sequence
-uniforms (any student, any acceptance pattern), and distributed exactly as the teacher."""
+noise (any student, any acceptance pattern, any batch), and distributed exactly as the
+teacher."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 
 import pytest
 import torch
 
+from kforcing.cli.main import main
 from kforcing.core.config import ModelConfig
-from kforcing.errors import KForcingError
-from kforcing.decoding.generate import generate, generate_ar, generate_kforcing
-from kforcing.decoding.lossless import generate_lossless, uniform_stream
 from kforcing.core.model import Transformer
+from kforcing.core.noise import NoiseStream
+from kforcing.core.sampling import SamplingConfig, sample
+from kforcing.decoding.ar import generate_ar
+from kforcing.decoding.generate import generate
+from kforcing.decoding.kforcing import generate_kforcing
+from kforcing.decoding.lossless import generate_lossless
+from kforcing.errors import KForcingError
+from kforcing.io.checkpoint import load_model
 from kforcing.students.pushforward import PushForward, StudentConfig
-from kforcing.core.sampling import SamplingConfig, make_generator, sample, uniforms
+from kforcing.students.store import save_student
 
 RAGGED = [[1, 2, 1], [1, 2, 0, 1, 2, 2, 1], [2], [0, 1], [2, 2, 2, 2, 1]]
 
@@ -141,11 +149,36 @@ def test_top_k_top_p_and_greedy_are_the_teachers():
         assert got.tokens == ref.tokens
 
 
-def test_uniform_stream_matches_ar_draw_order():
-    a = uniform_stream(3, 5, make_generator(7))
-    gen = make_generator(7)
-    b = torch.stack([uniforms((3,), gen) for _ in range(5)])
-    assert torch.equal(a, b) and a.shape == (5, 3)
+@pytest.mark.parametrize("layout", ["shared", "teacher-preserving"])
+def test_a_rows_output_does_not_depend_on_its_batch(layout):
+    """Seed 9 alone, or as row 1 of a batch of 3 with other prompts and seeds: the same text,
+    and the teacher's AR text for that seed."""
+    teacher = tiny_teacher(8, eos=None, seed=3)
+    student = tiny_student(teacher, layout, "inverse-cdf")
+    other = teacher if layout == "shared" else None
+    p = RAGGED[1]
+    alone = generate_lossless(student, [p], 20, k=3, noise=NoiseStream([9]), teacher=other)
+    batch = generate_lossless(student, [RAGGED[4], p, RAGGED[2]], 20, k=3,
+                              noise=NoiseStream([4, 9, 1]), teacher=other)
+    assert batch.tokens[1] == alone.tokens[0]
+    assert alone.tokens == generate_ar(teacher, [p], 20, noise=NoiseStream([9])).tokens
+
+
+def test_explicit_noise_equals_the_seeded_default():
+    teacher = tiny_teacher(8, eos=None)
+    student = tiny_student(teacher, "teacher-preserving", "argmax")
+    a = generate_lossless(student, RAGGED, 10, k=2, seed=3)
+    b = generate_lossless(student, RAGGED, 10, k=2, noise=NoiseStream.from_seed(3, len(RAGGED)))
+    assert a.tokens == b.tokens
+    with pytest.raises(KForcingError, match="2 rows for 5 prompts"):
+        generate_lossless(student, RAGGED, 10, k=2, noise=NoiseStream([1, 2]))
+
+
+def test_gumbel_coupling_is_refused_for_pushforward_proposals():
+    teacher = tiny_teacher(8, eos=None)
+    student = tiny_student(teacher, "teacher-preserving", "argmax")
+    with pytest.raises(KForcingError, match="coupling 'gumbel'.*inverse-CDF"):
+        generate_lossless(student, RAGGED, 6, sampling=SamplingConfig(coupling="gumbel"))
 
 
 def _chi_square_p(observed: torch.Tensor, expected: torch.Tensor) -> float:
@@ -201,6 +234,8 @@ def test_generate_entry_point_and_errors(make_model):
         generate(tp, RAGGED, 6, mode="lossless", frequency_penalty=0.5)
     with pytest.raises(KForcingError, match="needs a K-Forcing student"):
         generate(teacher, RAGGED, 6, mode="lossless")
+    with pytest.raises(KForcingError, match="temperature"):
+        generate(tp, RAGGED, 6, mode="lossless", temperature=float("nan"))
     with pytest.raises(KForcingError, match="mode must be"):
         generate(tp, RAGGED, 6, mode="fast")
     with pytest.raises(KForcingError, match="vocabulary"):
@@ -213,12 +248,6 @@ def test_generate_entry_point_and_errors(make_model):
 @pytest.mark.parametrize("layout", ["shared", "teacher-preserving"])
 def test_cli_generate_and_chat_lossless_equal_the_teachers_ar(saved_tiny_model, tmp_path, capsys,
                                                               layout):
-    import json
-
-    from kforcing.io.checkpoint import load_model
-    from kforcing.cli.main import main
-    from kforcing.training.distill import save_student
-
     teacher = load_model(saved_tiny_model)
     out = tmp_path / "student"
     out.mkdir()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from kforcing.core.config import MODEL_PRESETS, ModelConfig, TrainConfig, from_dict
-from kforcing.errors import KForcingError
-from kforcing.decoding.generate import prefill
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.model import Transformer, causal_mask
+from kforcing.decoding.common import prefill
+from kforcing.errors import KForcingError
 
 TOL = 1e-5
 
@@ -202,7 +202,7 @@ def test_truncate_bounds():
     assert cache.length == 0
 
 
-def test_cache_read_returns_written_values():
+def test_cache_write_stores_and_returns_values():
     n_layer, B, H, D = 2, 3, 2, 4
     cache = KVCache(n_layer, B, H, D, max_len=8)
     g = torch.Generator().manual_seed(0)
@@ -216,13 +216,10 @@ def test_cache_read_returns_written_values():
     cache.commit(2)
     k_ref, v_ref = torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)
     slots = torch.tensor([6, 0, 3, 5])
-    k, v = cache.read(1, slots)
+    k, v = cache.k[1, :, :, slots], cache.v[1, :, :, slots]
     assert torch.equal(k, k_ref[:, :, slots]) and torch.equal(v, v_ref[:, :, slots])
     # layer 0 was never written
-    k0, v0 = cache.read(0, slots)
-    assert not k0.any() and not v0.any()
-    with pytest.raises(KForcingError, match="read past the cache"):
-        cache.read(1, torch.tensor([7]))
+    assert not cache.k[0].any() and not cache.v[0].any()
 
 
 @torch.inference_mode()
@@ -237,8 +234,8 @@ def test_cache_holds_the_models_keys(make_model):
     model(ids[:, 3:], cache=c2)
     slots = torch.arange(6)
     for layer in range(model.config.n_layer):
-        k1, v1 = c1.read(layer, slots)
-        k2, v2 = c2.read(layer, slots)
+        k1, v1 = c1.k[layer, :, :, slots], c1.v[layer, :, :, slots]
+        k2, v2 = c2.k[layer, :, :, slots], c2.v[layer, :, :, slots]
         assert max_diff(k1, k2) < TOL and max_diff(v1, v2) < TOL
 
 
@@ -308,7 +305,12 @@ def test_preset_errors_and_overrides():
         {"max_steps": 0},
         {"lr": 0.0},
         {"min_lr": 1.0, "lr": 0.1},
-        {"warmup_steps": 10, "max_steps": 10},
+        {"warmup_steps": -1},
+        {"lr": float("nan")},
+        {"lr": float("inf")},
+        {"time_budget_min": 0.0},
+        {"time_budget_min": float("nan")},
+        {"model": "gigantic"},
         {"eval_every": 0},
         {"ckpt_every": 0},
     ],
@@ -316,6 +318,17 @@ def test_preset_errors_and_overrides():
 def test_train_config_validation(kwargs):
     with pytest.raises(KForcingError):
         TrainConfig(**kwargs)
+
+
+def test_train_config_smoke_run_clamps_warmup():
+    """issue 13 item 7: `train --max-steps 3` with the default warmup is a valid smoke run."""
+    cfg = TrainConfig(max_steps=3)
+    assert cfg.warmup_steps > cfg.max_steps
+
+
+def test_train_config_names_an_unknown_preset_before_schedule_errors():
+    with pytest.raises(KForcingError, match="unknown model preset 'gigantic'"):
+        TrainConfig(model="gigantic", max_steps=3, warmup_steps=100)
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kforcing.errors import KForcingError
-from kforcing.decoding.generate import generate_ar, generate_kforcing
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.masks import staircase
-from kforcing.students.pushforward import PushForward, StudentConfig, check_k, check_tau
 from kforcing.core.sampling import SamplingConfig, inverse_cdf
+from kforcing.decoding.ar import generate_ar
+from kforcing.decoding.kforcing import generate_kforcing
+from kforcing.errors import KForcingError
+from kforcing.students.pushforward import PushForward, StudentConfig, check_k, check_tau
 
 LAYOUTS = ("shared", "teacher-preserving")
 HEADS = ("argmax", "inverse-cdf")
@@ -76,7 +77,6 @@ def test_staircase_hand_checked_all_anchors():
     assert torch.equal(st.mask, torch.tensor(expected, dtype=torch.bool))
     assert st.positions.tolist() == [0, 1, 2, 1, 2, 2, 3, 3, 4]
     assert (st.n_context, st.window) == (3, 2)
-    assert st.window_slice() == slice(3, None)
     assert bool(st.mask.any(1).all())
 
 
@@ -311,7 +311,10 @@ def test_check_k_accepts():
 
 
 @pytest.mark.parametrize(
-    "tau", [0.0, -1.0, torch.tensor([1.0, 0.0]), torch.tensor([-0.5], dtype=torch.float64)]
+    "tau",
+    [0.0, -1.0, torch.tensor([1.0, 0.0]), torch.tensor([-0.5], dtype=torch.float64),
+     float("nan"), float("inf"), torch.tensor([1.0, float("nan")]),
+     torch.tensor([float("inf")], dtype=torch.float64)],
 )
 def test_check_tau_rejects(tau):
     with pytest.raises(KForcingError) as e:
@@ -351,3 +354,22 @@ def test_student_config_rejects(kw, msg):
 def test_n_noise_per_head():
     assert StudentConfig(head="argmax").n_noise(3) == 3
     assert StudentConfig(head="inverse-cdf").n_noise(3) == 2
+
+
+@pytest.mark.parametrize("move, dtype", [
+    (lambda m: m.half(), torch.float16),
+    (lambda m: m.bfloat16(), torch.bfloat16),
+    (lambda m: m.double(), torch.float64),
+    (lambda m: m.to(torch.float64), torch.float64),
+    (lambda m: m.type(torch.float64), torch.float64),
+])
+def test_moving_a_student_moves_its_frozen_teacher(make_model, move, dtype):
+    """The frozen teacher is no submodule, so `.half()`, `.bfloat16()`, `.cuda()` (every
+    sibling of `.to()`) used to leave it behind in float32 / on the CPU."""
+    student = make_student(make_model, layout="teacher-preserving", head="inverse-cdf")
+    teacher = student.teacher
+    assert move(student) is student
+    assert student.teacher is teacher
+    assert {p.dtype for p in teacher.parameters()} == {dtype}
+    assert {p.dtype for p in student.parameters()} == {dtype}
+    assert teacher.rope_cos.dtype == student.backbone.rope_cos.dtype

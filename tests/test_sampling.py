@@ -1,4 +1,5 @@
-"""Inverse-CDF sampling: exact intervals, correct frequencies, filters and config checks."""
+"""Inverse-CDF and Gumbel-max sampling: exact intervals, correct frequencies, filters and config
+checks."""
 
 from __future__ import annotations
 
@@ -7,15 +8,14 @@ import math
 import pytest
 import torch
 
-from kforcing.errors import KForcingError
 from kforcing.core.sampling import (
     SamplingConfig,
+    draw,
     inverse_cdf,
-    make_generator,
     probs_from_logits,
     sample,
-    uniforms,
 )
+from kforcing.errors import KForcingError
 
 # exactly representable in binary, so CDF boundaries are exact too
 P = torch.tensor([0.125, 0.0, 0.25, 0.5, 0.0, 0.125])
@@ -31,7 +31,7 @@ def test_inverse_cdf_frequencies(order):
     n = 20000
     g = torch.Generator().manual_seed(1234)
     p = torch.tensor([0.05, 0.3, 0.0, 0.15, 0.4, 0.1])
-    u = uniforms((n,), g)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
     assert u.dtype == torch.float64 and float(u.min()) >= 0 and float(u.max()) < 1
     tokens = inverse_cdf(p.expand(n, -1), u, order)
     assert tokens.dtype == torch.long and tokens.shape == (n,)
@@ -199,29 +199,72 @@ def test_temperature_scales_logits():
     assert float(hot.max() - hot.min()) < 0.01
 
 
-def test_sample_is_inverse_cdf_of_filtered_probs():
+def _hand_sorted_cdf(logits: list[float], temperature: float, top_k: int, top_p: float
+                     ) -> list[tuple[int, float, float]]:
+    """(token, lo, hi) CDF intervals in decreasing-probability order (ties by id), written out
+    in plain Python floats: softmax at the temperature, keep the top_k most likely, then the
+    smallest prefix whose mass reaches top_p, renormalise."""
+    scaled = [x / temperature for x in logits]
+    m = max(scaled)
+    weights = [math.exp(x - m) for x in scaled]
+    order = sorted(range(len(logits)), key=lambda i: (-weights[i], i))
+    kept = order[:top_k] if top_k else order
+    total = sum(weights[i] for i in kept)
+    prefix, mass = [], 0.0
+    for i in kept:
+        if mass >= top_p:
+            break
+        prefix.append(i)
+        mass += weights[i] / total
+    z = sum(weights[i] for i in prefix)
+    intervals, lo = [], 0.0
+    for i in prefix:
+        hi = lo + weights[i] / z
+        intervals.append((i, lo, hi))
+        lo = hi
+    return intervals
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.8, 20, 0.9),
+                                                       (1.3, 0, 0.5), (0.5, 5, 1.0)])
+def test_sorted_sampling_picks_the_token_of_a_hand_computed_interval(temperature, top_k, top_p):
+    """For u in the middle of token t's interval of the hand-computed sorted CDF, sample() with
+    cdf_order 'sorted' returns t (every kept token, in every row)."""
     g = torch.Generator().manual_seed(13)
-    logits = torch.randn(16, 64, generator=g)
-    u = uniforms((16,), make_generator(5))
-    cfg = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9, cdf_order="sorted")
-    assert torch.equal(
-        sample(logits, u, cfg), inverse_cdf(probs_from_logits(logits, cfg), u, "sorted")
-    )
+    logits = torch.randn(6, 40, generator=g) * 2
+    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, cdf_order="sorted")
+    for row in range(logits.shape[0]):
+        intervals = _hand_sorted_cdf(logits[row].tolist(), temperature, top_k, top_p)
+        assert len(intervals) >= 1
+        u = torch.tensor([(lo + hi) / 2 for _, lo, hi in intervals], dtype=torch.float64)
+        got = sample(logits[row].expand(len(intervals), -1), u, cfg)
+        assert got.tolist() == [t for t, _, _ in intervals], row
 
 
-def test_make_generator_is_seeded():
-    a = uniforms((10,), make_generator(42))
-    b = uniforms((10,), make_generator(42))
-    c = uniforms((10,), make_generator(43))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    g = torch.Generator()
-    assert make_generator(g) is g
+def test_gumbel_max_frequencies_and_argmax():
+    """Gumbel-max is an exact sample of p (frequencies within 5 sigma) and, for p one-hot, the
+    argmax whatever the noise."""
+    n = 20000
+    p = torch.tensor([0.05, 0.3, 0.0, 0.15, 0.4, 0.1])
+    g = torch.Generator().manual_seed(5)
+    gumbel = -torch.log(-torch.log(torch.rand(n, len(p), generator=g).clamp(1e-12, 1 - 1e-7)))
+    cfg = SamplingConfig(coupling="gumbel")
+    tokens = draw(p.expand(n, -1), gumbel, cfg)
+    freq = torch.bincount(tokens, minlength=len(p)).double() / n
+    for i, pi in enumerate(p.tolist()):
+        assert abs(float(freq[i]) - pi) <= 5 * math.sqrt(pi * (1 - pi) / n) + 1e-12, i
+    one_hot = torch.zeros(len(p))
+    one_hot[3] = 1.0
+    assert (draw(one_hot.expand(n, -1), gumbel, cfg) == 3).all()
 
 
 @pytest.mark.parametrize(
     "kwargs, msg",
     [
         ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"coupling": "argmax"}, "coupling"),
         ({"top_k": -1}, "top_k"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),

@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from kforcing.core.config import TrainConfig
+from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
     load_model,
     load_model_config,
-    publish_checkpoint,
     resolve_model_dir,
     save_model,
     tokenizer_path,
 )
-from kforcing.core.config import TrainConfig
-from kforcing.errors import KForcingError
+from kforcing.training.rundir import publish_checkpoint
 from kforcing.training.teacher import Trainer, evaluate_loss, lr_at
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -205,6 +205,17 @@ def test_lr_schedule():
     assert lrs[55] == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-12)
 
 
+def test_lr_schedule_of_a_run_shorter_than_its_warmup():
+    """issue 13 item 7: the warmup shrinks to a tenth of the run; the schedule still decays."""
+    cfg = TrainConfig(max_steps=30, warmup_steps=100, lr=1e-3, min_lr=1e-4)
+    lrs = [lr_at(s, cfg) for s in range(31)]
+    assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3], rel=1e-12)
+    assert lrs[30] == pytest.approx(1e-4, rel=1e-12)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+    smoke = TrainConfig(max_steps=3)
+    assert [lr_at(s, smoke) for s in range(4)][-1] == pytest.approx(smoke.min_lr)
+
+
 def test_lr_schedule_without_warmup():
     cfg = TrainConfig(max_steps=10, warmup_steps=0, lr=2e-3, min_lr=0.0)
     assert lr_at(0, cfg) == pytest.approx(2e-3)
@@ -277,7 +288,7 @@ def test_uninterrupted_run_outputs(full_run, tiny_corpus):
     assert model.config.dropout == 0.1 and model.config.vocab_size <= 300
     assert tokenizer_path(out).read_bytes() == tiny_corpus.tokenizer_path.read_bytes()
     # the logged validation loss is what evaluate_loss reports for the saved model
-    from kforcing.io.data import TokenFile
+    from kforcing.io.tokens import TokenFile
 
     val = evaluate_loss(model, TokenFile(tiny_corpus.validation), 16, 4, 2)
     assert val == pytest.approx(last["val_loss"], rel=1e-5)
@@ -352,12 +363,12 @@ def test_resume_with_changed_settings_raises(full_run, tiny_corpus, change):
 )
 def test_resume_with_changed_model_shape_raises(full_run, tiny_corpus, overrides):
     cfg = train_cfg(tiny_corpus, full_run[0], model_overrides={"dropout": 0.1, **overrides})
-    with pytest.raises(KForcingError, match="does not match its config"):
+    with pytest.raises(KForcingError, match="cannot resume: model_overrides was"):
         Trainer(cfg, resume=True, progress=False)
 
 
 def test_resume_with_nothing_to_resume(tiny_corpus, tmp_path):
-    with pytest.raises(KForcingError, match="checkpoint not found"):
+    with pytest.raises(KForcingError, match="nothing to resume"):
         Trainer(train_cfg(tiny_corpus, tmp_path / "fresh"), resume=True, progress=False)
 
 

@@ -1,40 +1,75 @@
-"""`kforcing bench` and `kforcing reproduce` (registered by kforcing.cli.main)."""
+"""`kforcing bench`: decode speed by batch size (kforcing.evaluation.bench)."""
 
 from __future__ import annotations
 
+import json
+import sys
+
+import torch
+
+from kforcing.cli.common import (
+    count,
+    default_of,
+    device_flag,
+    ints,
+    natural,
+    non_negative,
+    positive,
+)
+from kforcing.evaluation.bench import (
+    METHODS,
+    BenchConfig,
+    load_models,
+    parse_tokens_at,
+    run_bench,
+    write_results,
+)
+
+
+def bench_config(args) -> BenchConfig:
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
+    ks = None
+    if args.k:   # "1,2,4" fixes the K-Forcing rows; "auto" in the list is the kforcing-auto row
+        parts = [p.strip() for p in args.k.split(",") if p.strip()]
+        fixed = [p for p in parts if p != "auto"]
+        ks = ints(",".join(fixed), "--k") if fixed else None
+        if "auto" in parts and "kforcing-auto" not in methods:
+            methods += ("kforcing-auto",)
+    if args.no_hf:
+        methods = tuple(m for m in methods if not m.startswith("hf-"))
+    return BenchConfig(batch_sizes=ints(args.batch_sizes, "--batch-sizes"),
+                       prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                       new_tokens_at=parse_tokens_at(args.new_tokens_at, "--new-tokens-at")
+                       or None, repeats=args.repeats, max_seconds=args.max_seconds, ks=ks,
+                       methods=methods, temperature=args.temperature, seed=args.seed,
+                       cache=args.cache)
+
 
 def cmd_bench(args) -> None:
-    from kforcing.evaluation.bench import main as bench_main
-    bench_main(args)
+    """Writes <out>/bench.jsonl, bench_meta.json and two PNGs; one JSON line per row."""
+    cfg = bench_config(args)
+    teacher, student, draft = load_models(args.model, args.student, args.draft)
+    teacher = teacher.to(args.device)
+    student = None if student is None else student.to(args.device)
+    draft = None if draft is None else draft.to(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(teacher, student, draft=draft, cfg=cfg, data=args.data,
+                       progress=not args.quiet)
+    result.config.update(model=args.model, student_dir=args.student, draft=args.draft)
+    paths = write_results(result, args.out)
+    for s in result.skipped:
+        b = f" at batch {s['batch_size']}" if s["batch_size"] else ""
+        print(f"skipped {s['method']}{b}: {s['reason']}", file=sys.stderr)
+    for r in result.rows:
+        print(json.dumps({"method": r.method, "k": r.k, "sampling": r.sampling,
+                          "batch_size": r.batch_size, "tokens_per_s": round(r.tokens_per_s, 1),
+                          "step_latency_ms": None if r.step_latency_ms is None
+                          else round(r.step_latency_ms, 2), "repeats": r.repeats}))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
-def cmd_reproduce(args) -> None:
-    from kforcing.evaluation.bench import _ints, command_line, parse_tokens_at
-    from kforcing.recipes.reproduce import ReproduceConfig, run_reproduce
-    cfg = ReproduceConfig(
-        out=args.out, results=args.results, results_dir=args.results_dir, source=args.source,
-        vocab_size=args.vocab_size, cache=args.cache, data=args.data, teacher=args.teacher,
-        students=args.students.split(",") if args.students else None, draft=args.draft,
-        scale=args.scale, teacher_min=args.teacher_min, stage_min=args.stage_min,
-        draft_min=args.draft_min, teacher_preset=args.teacher_preset,
-        draft_preset=args.draft_preset, teacher_block_size=args.teacher_block_size,
-        teacher_batch_size=args.teacher_batch_size, distill_block_size=args.distill_block_size,
-        distill_batch_size=args.distill_batch_size, eval_contexts=args.eval_contexts,
-        match_windows=args.match_windows, sample_tokens=args.sample_tokens, judge=args.judge,
-        eval={k: v for k, v in {"new_tokens": args.eval_new_tokens,
-                                "prompts": args.eval_prompts}.items() if v is not None},
-        bench_batch_sizes=_ints(args.bench_batch_sizes, "--bench-batch-sizes"),
-        bench_new_tokens=args.bench_new_tokens, bench_repeats=args.bench_repeats,
-        bench_max_seconds=args.bench_max_seconds, progress=not args.quiet,
-        bench_new_tokens_at=parse_tokens_at(args.bench_new_tokens_at, "--bench-new-tokens-at"))
-    run_reproduce(cfg, command=command_line())
-
-
-def register(sub, commands) -> None:
-    from kforcing.evaluation.bench import METHODS, BenchConfig
-    from kforcing.recipes.reproduce import ReproduceConfig
-    b, r = BenchConfig(), ReproduceConfig()
-
+def add_parser(sub) -> None:
     sp = sub.add_parser("bench", help="decode speed by batch size: AR, K-Forcing (k, auto), "
                         "lossless, HF generate and assisted generation")
     sp.add_argument("--model", help="the AR teacher (default: the student's teacher, else a "
@@ -47,59 +82,23 @@ def register(sub, commands) -> None:
     sp.add_argument("--k", help="comma-separated k values of the kforcing rows (default: 1,2,4,8 "
                     "up to max_k); 'auto' adds the kforcing-auto row")
     sp.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
-    sp.add_argument("--batch-sizes", default=",".join(map(str, b.batch_sizes)))
-    sp.add_argument("--prompt-len", type=int, default=b.prompt_len)
-    sp.add_argument("--new-tokens", type=int, default=b.new_tokens)
+    sp.add_argument("--batch-sizes",
+                    default=",".join(map(str, default_of(BenchConfig, "batch_sizes"))))
+    sp.add_argument("--prompt-len", type=count, default=default_of(BenchConfig, "prompt_len"))
+    sp.add_argument("--new-tokens", type=count, default=default_of(BenchConfig, "new_tokens"))
     sp.add_argument("--new-tokens-at", help="per batch size overrides, e.g. 64=64,256=32 "
                     "(large batches; each row records its own new_tokens)")
-    sp.add_argument("--repeats", type=int, default=b.repeats)
-    sp.add_argument("--max-seconds", type=float, default=b.max_seconds,
+    sp.add_argument("--repeats", type=count, default=default_of(BenchConfig, "repeats"))
+    sp.add_argument("--max-seconds", type=non_negative,
+                    default=default_of(BenchConfig, "max_seconds"),
                     help="per configuration: stop repeating once this many seconds are spent")
-    sp.add_argument("--temperature", type=float, default=b.temperature)
-    sp.add_argument("--seed", type=int, default=b.seed)
-    sp.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sp.add_argument("--temperature", type=positive,
+                    default=default_of(BenchConfig, "temperature"))
+    sp.add_argument("--seed", type=natural, default=default_of(BenchConfig, "seed"))
+    sp.add_argument("--threads", type=count, help="torch threads (default: torch's choice)")
     sp.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peers")
     sp.add_argument("--cache", help="cache directory for the --k auto calibration")
     sp.add_argument("--out", default="docs/results", help="where bench.jsonl and plots go")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    commands["bench"] = cmd_bench
-
-    sp = sub.add_parser("reproduce", help="the whole chain on Brown from nothing, resumable: "
-                        "teacher, distillation, draft, eval, bench -> docs/RESULTS.md")
-    sp.add_argument("--out", default=r.out, help="run directory (state.json, models)")
-    sp.add_argument("--results", default=r.results, help="the Markdown report to write")
-    sp.add_argument("--results-dir", default=r.results_dir, help="bench.jsonl and PNGs")
-    sp.add_argument("--source", default=r.source, help="corpus (see `kforcing data prepare`)")
-    sp.add_argument("--vocab-size", type=int, default=r.vocab_size)
-    sp.add_argument("--cache", help="cache directory (default: $KFORCING_CACHE or ./.cache)")
-    sp.add_argument("--data", help="use this prepared corpus")
-    sp.add_argument("--teacher", help="use this trained teacher")
-    sp.add_argument("--students", help="use these stages: K1_DIR,K2_DIR,K4_DIR")
-    sp.add_argument("--draft", help="use this draft model")
-    sp.add_argument("--scale", type=float, default=r.scale,
-                    help="multiplies every training budget (0.01: a smoke run of minutes)")
-    sp.add_argument("--teacher-min", type=float, default=r.teacher_min)
-    sp.add_argument("--stage-min", type=float, default=r.stage_min,
-                    help="minutes per distillation stage")
-    sp.add_argument("--draft-min", type=float, default=r.draft_min)
-    sp.add_argument("--teacher-preset", default=r.teacher_preset)
-    sp.add_argument("--draft-preset", default=r.draft_preset)
-    sp.add_argument("--teacher-block-size", type=int, default=r.teacher_block_size)
-    sp.add_argument("--teacher-batch-size", type=int, default=r.teacher_batch_size)
-    sp.add_argument("--distill-block-size", type=int, default=r.distill_block_size)
-    sp.add_argument("--distill-batch-size", type=int, default=r.distill_batch_size)
-    sp.add_argument("--eval-contexts", type=int, default=r.eval_contexts)
-    sp.add_argument("--match-windows", type=int, default=r.match_windows)
-    sp.add_argument("--sample-tokens", type=int, default=r.sample_tokens)
-    sp.add_argument("--judge", default=r.judge, help="judge LM of the eval step (or none)")
-    sp.add_argument("--eval-new-tokens", type=int, help="eval: tokens per free-running sample")
-    sp.add_argument("--eval-prompts", type=int, help="eval: held-out prompts")
-    sp.add_argument("--bench-batch-sizes", default=",".join(map(str, r.bench_batch_sizes)))
-    sp.add_argument("--bench-new-tokens", type=int, default=r.bench_new_tokens)
-    sp.add_argument("--bench-repeats", type=int, default=r.bench_repeats)
-    sp.add_argument("--bench-max-seconds", type=float, default=r.bench_max_seconds)
-    sp.add_argument("--bench-new-tokens-at", default=",".join(
-        f"{b}={n}" for b, n in r.bench_new_tokens_at.items()),
-        help="per batch size new-token counts, e.g. 64=128,256=64 ('' for none)")
-    sp.add_argument("--quiet", action="store_true")
-    commands["reproduce"] = cmd_reproduce
+    device_flag(sp)
+    sp.set_defaults(run=cmd_bench)

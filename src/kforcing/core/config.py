@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,19 +139,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        # what a user most likely got wrong comes first: the preset, then the schedule
+        _check(self.model in MODEL_PRESETS, f"unknown model preset '{self.model}': choose one "
+               f"of {', '.join(MODEL_PRESETS)}")
         _check(self.block_size > 1, "train config: block_size must be > 1")
         _check(self.batch_size > 0 and self.grad_accum > 0,
                "train config: batch_size and grad_accum must be positive")
         _check(self.max_steps > 0, "train config: max_steps must be positive")
-        _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train config: need 0 <= min_lr <= lr")
-        _check(0 <= self.warmup_steps < self.max_steps,
-               "train config: warmup_steps must be smaller than max_steps")
+        _check(math.isfinite(self.lr) and self.lr > 0 and 0 <= self.min_lr <= self.lr,
+               "train config: need 0 <= min_lr <= lr, lr a finite number")
+        _check(self.time_budget_min is None or 0 < self.time_budget_min < math.inf,
+               f"train config: time_budget_min must be a finite number > 0, got "
+               f"{self.time_budget_min}")
+        # a warmup longer than the run is shortened (training/teacher.py: warmup_steps), so
+        # `--max-steps 3` is a valid smoke run
+        _check(self.warmup_steps >= 0, "train config: warmup_steps must be >= 0")
         _check(self.eval_every > 0 and self.ckpt_every > 0,
                "train config: eval_every and ckpt_every must be positive")
-
-
-def to_json(cfg: Any) -> str:
-    return json.dumps(asdict(cfg), indent=2, sort_keys=True)
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:

@@ -59,12 +59,6 @@ class KVCache:
         self.v[layer, :, :, L:L + T] = v
         return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]
 
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of one layer at explicit slot indices (S,) -> (B, H_kv, S, D)."""
-        if slots.numel() and int(slots.max()) >= self.length:
-            raise KForcingError(f"read past the cache: slot {int(slots.max())} >= {self.length}")
-        return self.k[layer, :, :, slots], self.v[layer, :, :, slots]
-
     def mark_padding(self, valid: torch.Tensor) -> None:
         """valid (B, T): False for padding among the next T slots (call before the pass)."""
         L, T = self.length, valid.shape[1]

@@ -4,7 +4,7 @@ Sequence layout of a staircase pass: N context tokens, then one window of `w` to
 chosen context index t (window order = order of `anchors`). Inside a window everything is
 causal; a window sees the context up to and including its anchor t and nothing of other windows.
 
-- training staircase (METHOD.md section 3): window = k noise tokens;
+- training staircase (docs/METHOD.md section 3): window = k noise tokens;
 - two-level staircase (section 4): window = k' known tokens followed by k' noise tokens, i.e.
   the same mask with w = 2k' (the known tokens simply come in as token embeddings).
 """
@@ -22,9 +22,6 @@ class Staircase:
     positions: torch.Tensor   # (S,) RoPE positions: context j -> j; window slot i -> t + 1 + i
     n_context: int
     window: int
-
-    def window_slice(self) -> slice:
-        return slice(self.n_context, None)
 
 
 def staircase(n_context: int, window: int, anchors: torch.Tensor | None = None,

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kforcing.core.config import ModelConfig
-from kforcing.errors import KForcingError
 from kforcing.core.kv_cache import KVCache
+from kforcing.errors import KForcingError
 
 
 class RMSNorm(nn.Module):

@@ -51,20 +51,6 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
-def make_generator(seed: int | torch.Generator | None, device: str | torch.device = "cpu"
-                   ) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else torch.seed())
-    return g
-
-
-def uniforms(shape: tuple[int, ...], generator: torch.Generator, device="cpu") -> torch.Tensor:
-    """U[0, 1) noise in float64 (the resolution the CDF lookup is done in)."""
-    return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
-
-
 def probs_from_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """logits (..., V) -> probabilities (..., V) after temperature, top-k and top-p (float32)."""
     logits = logits.float()

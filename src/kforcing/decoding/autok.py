@@ -1,13 +1,15 @@
-"""`--k auto`: choose the window k per batch size from a short on-machine calibration.
+"""`k="auto"`: choose the window k per batch size from a short on-machine calibration.
 
 A K-Forcing pass reads 2k positions and emits k tokens; an AR step reads one position and emits
 one token. While the matrix products are memory-bound (small batches) the wider pass is nearly
 free and large k wins; once they are compute-bound (large batches, CPUs) it is not. So for each
-batch size we time one AR step and one K-Forcing pass per candidate k on this machine, convert
-them to generated tokens per second (B / t_ar and B * k / t_k), and take the best. k = 1 means
-plain AR decoding, chosen whenever no k beats it by more than `margin`, so auto is never slower
-than AR up to measurement noise. Results are cached per machine, architecture, dtype and device
-(docs/AUTOK.md).
+batch size the real decoders (generate_ar, generate_kforcing, generate_feedback) generate a few
+tokens on this machine, `repeats` times per candidate k after a warm-up run, and the k with the
+most generated tokens per second wins. k = 1 means plain AR decoding; it is kept unless some k
+beats it by more than `margin` in the median AND in every repeat (the noise check), so auto
+falls back to AR whenever the timings leave doubt. The choice looks at decode speed only, not at
+how closely the student follows its teacher. Results are cached per machine, architecture,
+dtype and device (docs/AUTOK.md).
 """
 
 from __future__ import annotations
@@ -24,32 +26,60 @@ from pathlib import Path
 
 import torch
 
-from kforcing.io.checkpoint import atomic_write_json
+from kforcing.decoding.ar import generate_ar
+from kforcing.decoding.feedback import generate_feedback
+from kforcing.decoding.kforcing import generate_kforcing
 from kforcing.errors import KForcingError
-from kforcing.decoding.generate import _sync_fn
-from kforcing.core.kv_cache import KVCache
-from kforcing.core.sampling import SamplingConfig, make_generator, sample, uniforms
+from kforcing.io.checkpoint import atomic_write_json
+from kforcing.io.data import cache_dir
+from kforcing.students.feedback import FeedbackStudent
+from kforcing.students.pushforward import PushForward
 
 CACHE_FILE = "autok.json"
-MARGIN = 0.15  # a k must beat AR by 15%: a one-pass calibration misses prefill, sampling and
-               # per-step overhead, and timings on a loaded VM move by 10-30% (docs/AUTOK.md)
-CONTEXT = 64           # cached tokens during calibration (a typical mid-generation context)
+MARGIN = 0.15  # a k must beat AR by 15%: timings on a loaded VM move by 10-30% (docs/AUTOK.md)
+CONTEXT = 64           # prompt tokens during calibration (a typical mid-generation context)
+NEW_TOKENS = 16        # generated tokens per calibration run
+REPEATS = 3            # timed runs per candidate, after one warm-up run
+SPEED_ONLY = ("k='auto' looks at decode speed only, not at how closely the student follows its "
+              "teacher: pick k by hand when fidelity matters more")
 
-# timer(student, batch_size, ks, context) -> {k: generated tokens/s}, k = 1 meaning AR
-Timer = Callable[[object, int, list[int], int], dict[int, float]]
+# timer(student, batch_size, ks, context) -> {k: generated tokens/s of each repeat}, k = 1: AR
+Timer = Callable[[object, int, list[int], int], dict[int, list[float]]]
 
 
 # -- the rule -----------------------------------------------------------------------------------
 
-def pick_k(tokens_per_s: dict[int, float], margin: float = MARGIN) -> int:
-    """The k with the most tokens/s; AR (k = 1) unless some k beats it by more than `margin`.
-    Ties go to the smaller k."""
-    if 1 not in tokens_per_s:
+@dataclass(frozen=True)
+class Pick:
+    k: int          # 1 = plain AR decoding
+    reason: str     # why, in one sentence
+
+
+def as_runs(table: dict[int, list[float] | float]) -> dict[int, list[float]]:
+    """{k: tokens/s of each run}; a single number is one run."""
+    return {int(k): [float(v)] if isinstance(v, int | float) else [float(x) for x in v]
+            for k, v in table.items()}
+
+
+def pick_k(runs: dict[int, list[float] | float], margin: float = MARGIN) -> Pick:
+    """The k with the most tokens/s (median over repeats, ties to the smaller k); AR (k = 1)
+    unless that k beats AR by more than `margin` and each of its repeats beats each of AR's."""
+    if 1 not in runs:
         raise KForcingError("a timing table needs the AR entry (k = 1)")
-    best = min(tokens_per_s, key=lambda k: (-tokens_per_s[k], k))
-    if best != 1 and tokens_per_s[best] <= tokens_per_s[1] * (1 + margin):
-        return 1
-    return best
+    runs = as_runs(runs)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    best = min(med, key=lambda k: (-med[k], k))
+    if best == 1:
+        return Pick(1, f"AR was the fastest ({med[1]:.1f} tokens/s)")
+    gain = med[best] / med[1] - 1
+    if gain <= margin:
+        return Pick(1, f"k={best} beat AR by only {100 * gain:.0f}% (margin "
+                       f"{100 * margin:.0f}%): AR")
+    if min(runs[best]) <= max(runs[1]):
+        return Pick(1, f"k={best}'s slowest run ({min(runs[best]):.1f} tokens/s) was no faster "
+                       f"than AR's fastest ({max(runs[1]):.1f}): timings too noisy, AR")
+    return Pick(best, f"k={best} generated {med[best] / med[1]:.2f}x AR's tokens/s (median of "
+                      f"{len(runs[best])} runs, every run faster than every AR run)")
 
 
 def candidate_ks(max_k: int) -> list[int]:
@@ -65,55 +95,45 @@ def bucket(batch_size: int) -> int:
     return 1 << (batch_size - 1).bit_length()
 
 
-# -- calibration ---------------------------------------------------------------------------------
+# -- calibration: the real decoders --------------------------------------------------------------
 
-@torch.inference_mode()
-def time_passes(student, batch_size: int, ks: list[int], context: int = CONTEXT,
-                steps: int = 4, seed: int = 0) -> dict[int, float]:
-    """Median seconds of one decode pass per k (k = 1: an AR step of the context model), each
-    after one warm-up pass, all on one prefilled cache that is rolled back between candidates."""
-    ctx = student.context_model
-    cfg = ctx.config
-    device = next(ctx.parameters()).device
-    sync = _sync_fn(device)
+def ar_model(student):
+    """The AR model behind a student with the same shapes (its context model / teacher)."""
+    return student.teacher if isinstance(student, FeedbackStudent) else student.context_model
+
+
+def decode_once(student, prompts: list[list[int]], k: int, new_tokens: int):
+    """One calibration run: k = 1 decodes AR with the student's context model, larger k with
+    the student's own decoder. EOS is ignored, so every run generates the same tokens."""
+    if k == 1:
+        return generate_ar(ar_model(student), prompts, new_tokens, stop_at_eos=False)
+    if isinstance(student, FeedbackStudent):
+        return generate_feedback(student, prompts, new_tokens, k=k, stop_at_eos=False)
+    return generate_kforcing(student, prompts, new_tokens, k=k, stop_at_eos=False)
+
+
+def measure_tokens_per_s(student, batch_size: int, ks: list[int], context: int = CONTEXT,
+                         *, repeats: int = REPEATS, new_tokens: int = NEW_TOKENS
+                         ) -> dict[int, list[float]]:
+    """The default Timer: generated tokens/s (prefill included) of `repeats` runs per k, each
+    candidate after one warm-up run, on random prompts of `context` tokens."""
+    cfg = ar_model(student).config
     kmax = max(ks)
-    if context + (steps + 1) * kmax + 2 * kmax > cfg.max_seq_len:
-        context = max(1, cfg.max_seq_len - (steps + 1) * kmax - 2 * kmax)
-    gen = make_generator(seed)
-    ids = torch.randint(0, cfg.vocab_size, (batch_size, context), generator=gen).to(device)
-    pos = torch.arange(context, device=device).expand(batch_size, -1)
-    cache = KVCache.for_model(ctx, batch_size, max_len=context + (steps + 1) * kmax + 2 * kmax)
-    logits = ctx(ids, input_pos=pos, cache=cache, last_only=True)[:, -1]
-    tau = torch.ones(batch_size, dtype=torch.float64, device=device)
-    sampling = SamplingConfig(temperature=1.0)
-    out: dict[int, float] = {}
+    context = max(1, min(context, cfg.max_seq_len - new_tokens - 2 * kmax))
+    new_tokens = min(new_tokens, cfg.max_seq_len - context - 2 * kmax)
+    if new_tokens < 1:
+        raise KForcingError(f"a context of {cfg.max_seq_len} tokens is too short to calibrate "
+                            f"k up to {kmax}")
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (batch_size, context), generator=g).tolist()
+    out: dict[int, list[float]] = {}
     for k in ks:
-        cache.truncate(context)
-        last = pos[:, -1:]
-        times = []
-        for _ in range(steps + 1):          # the first pass is the warm-up
-            t = time.perf_counter()
-            if k == 1:
-                tok = sample(logits, uniforms((batch_size,), gen).to(device), sampling)
-                logits = ctx(tok[:, None], input_pos=last + 1, cache=cache)[:, -1]
-                last = last + 1
-            else:
-                real = torch.randint(0, cfg.vocab_size, (batch_size, k), generator=gen).to(device)
-                real_pos = last + torch.arange(1, k + 1, device=device)
-                u = uniforms((batch_size, k), gen).to(device)
-                student.window_pass(cache, real, real_pos, u, tau)
-                last = real_pos[:, -1:]
-            sync()
-            times.append(time.perf_counter() - t)
-        out[k] = statistics.median(times[1:])
+        decode_once(student, prompts, k, new_tokens)              # warm-up
+        out[k] = []
+        for _ in range(repeats):
+            res = decode_once(student, prompts, k, new_tokens)
+            out[k].append(res.num_tokens / max(res.seconds, 1e-9))
     return out
-
-
-def measure_tokens_per_s(student, batch_size: int, ks: list[int], context: int = CONTEXT
-                         ) -> dict[int, float]:
-    """The default Timer: generated tokens/s per k from `time_passes`."""
-    secs = time_passes(student, batch_size, ks, context)
-    return {k: batch_size * k / s for k, s in secs.items()}
 
 
 # -- cache keys ---------------------------------------------------------------------------------
@@ -147,7 +167,8 @@ def _short_hash(obj) -> str:
 def model_fingerprint(student) -> dict:
     """The architecture: decode speed depends on shapes, not on the trained values, so a
     retrained checkpoint of the same architecture reuses its calibration."""
-    return {"model": asdict(student.model_config), "student": asdict(student.config)}
+    return {"model": asdict(ar_model(student).config), "student": asdict(student.config),
+            "kind": type(student).__name__}
 
 
 def cache_key(student) -> str:
@@ -162,12 +183,21 @@ def cache_key(student) -> str:
 @dataclass
 class AutoChoice:
     k: int                              # 1 = plain AR decoding
+    reason: str                         # why this k, in one sentence
     batch_size: int
     bucket: int                         # the calibrated batch size it was read from
-    tokens_per_s: dict[int, float]      # calibration: generated tokens/s per k (1 = AR)
+    tokens_per_s: dict[int, float]      # median generated tokens/s per k (1 = AR)
+    runs: dict[int, list[float]]        # every timed run per k
     cached: bool                        # read from the cache file, not measured now
     key: str
+    note: str = SPEED_ONLY
     extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """What a result records about the choice."""
+        return {"k": self.k, "reason": self.reason, "note": self.note,
+                "tokens_per_s": {str(k): round(v, 1) for k, v in self.tokens_per_s.items()},
+                "calibrated_batch": self.bucket, "from_cache": self.cached}
 
 
 def _load_cache(path: Path) -> dict:
@@ -180,54 +210,39 @@ def _load_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _cached_runs(rec: dict | None, ks: list[int]) -> dict[int, list[float]] | None:
+    if not isinstance(rec, dict) or not isinstance(rec.get("runs"), dict):
+        return None
+    runs = as_runs(rec["runs"])
+    return runs if sorted(runs) == ks else None
+
+
 def choose_k(student, batch_size: int, *, cache: str | Path | None = None,
              recalibrate: bool = False, margin: float = MARGIN, context: int = CONTEXT,
              timer: Timer | None = None) -> AutoChoice:
     """The k for this batch size: from <cache>/autok.json, or calibrated now and saved there."""
-    from kforcing.io.data import cache_dir
-
-    if not hasattr(student, "window_pass"):
-        raise KForcingError("--k auto needs a K-Forcing student; a plain AR model decodes "
+    if not isinstance(student, PushForward | FeedbackStudent):
+        raise KForcingError("k='auto' needs a K-Forcing student; a plain AR model decodes "
                             "one token per pass (k = 1)")
     path = cache_dir(cache) / CACHE_FILE
     key = cache_key(student)
     b = bucket(batch_size)
-    data = _load_cache(path)
-    entry = data.get(key, {})
-    rec = entry.get("batches", {}).get(str(b))
+    entry = _load_cache(path).get(key, {})
     ks = candidate_ks(student.config.max_k)
-    cached = rec is not None and not recalibrate and sorted(map(int, rec["tokens_per_s"])) == ks
-    if cached:
-        table = {int(k): float(v) for k, v in rec["tokens_per_s"].items()}
-    else:
-        table = (timer or measure_tokens_per_s)(student, b, ks, context)
-        entry = {"machine": machine_info(), "architecture": model_fingerprint(student),
-                 "batches": {**entry.get("batches", {}),
-                             str(b): {"tokens_per_s": {str(k): v for k, v in table.items()},
-                                      "context": context,
-                                      "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}}}
+    runs = None if recalibrate else _cached_runs(entry.get("batches", {}).get(str(b)), ks)
+    cached = runs is not None
+    if runs is None:
+        runs = as_runs((timer or measure_tokens_per_s)(student, b, ks, context))
+        rec = {"runs": {str(k): v for k, v in runs.items()},
+               "tokens_per_s": {str(k): statistics.median(v) for k, v in runs.items()},
+               "context": context, "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         data = _load_cache(path)          # another process may have added entries meanwhile
-        data[key] = {**data.get(key, {}), **entry}
+        old = data.get(key, {})
+        data[key] = {**old, "machine": machine_info(), "architecture": model_fingerprint(student),
+                     "batches": {**old.get("batches", {}), str(b): rec}}
         atomic_write_json(path, data)
-    return AutoChoice(pick_k(table, margin), batch_size, b, table, cached, key,
-                      {"cache": str(path), "margin": margin})
-
-
-@dataclass
-class AutoDecoder:
-    model: object            # what to decode with: the student, or its teacher for plain AR
-    k: int | None            # pass to generate(); None for plain AR
-    choice: AutoChoice | None
-
-
-def auto_decoder(model, batch_size: int, *, model_dir: str | Path | None = None,
-                 cache: str | Path | None = None) -> AutoDecoder:
-    """Resolve `--k auto` for `generate`: a student decodes with the calibrated k; when AR wins
-    it decodes with its frozen teacher (exact AR sampling). A plain AR model is k = 1."""
-    if not hasattr(model, "window_pass"):
-        return AutoDecoder(model, None, None)
-    choice = choose_k(model, batch_size, cache=cache)
-    if choice.k > 1:
-        return AutoDecoder(model, choice.k, choice)
-    from kforcing.training.distill import teacher_of
-    return AutoDecoder(teacher_of(model, model_dir), None, choice)
+    pick = pick_k(runs, margin)
+    reason = pick.reason + (" (calibration read from the cache)" if cached else "")
+    return AutoChoice(pick.k, reason, batch_size, b,
+                      {k: statistics.median(v) for k, v in runs.items()}, runs, cached, key,
+                      extra={"cache": str(path), "margin": margin})

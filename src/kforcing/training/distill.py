@@ -1,4 +1,4 @@
-"""Progressive distillation of an AR teacher into a K-Forcing student (METHOD.md section 4).
+"""Progressive distillation of an AR teacher into a K-Forcing student (docs/METHOD.md section 4).
 
 One call = one stage: a student with window k learns, from targets made by `target`, to emit
 in one pass the k tokens the reference map produces from the same uniforms:
@@ -18,31 +18,59 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from kforcing.core.config import from_dict, load_json
+from kforcing.errors import KForcingError
+from kforcing.evaluation.match import MatchSet, build_match_set, match_rates
 from kforcing.io.checkpoint import (
-    MetricsLog,
     atomic_save_tensors,
     atomic_write_json,
     load_model,
+    load_state,
     load_tensors,
-    publish_checkpoint,
     resolve_model_dir,
 )
-from kforcing.core.config import from_dict, load_json
-from kforcing.io.data import BlockLoader, TokenFile
-from kforcing.errors import KForcingError
-from kforcing.evaluation.evaluate import MatchSet, build_match_set, match_rates
-from kforcing.core.masks import staircase
+from kforcing.io.tokens import BlockLoader, TokenFile
 from kforcing.students.pushforward import PushForward, StudentConfig
-from kforcing.core.sampling import inverse_cdf
-from kforcing.training.teacher import load_optimizer_tensors, optimizer_tensors
+from kforcing.students.store import (  # noqa: F401  (moved; re-export for callers)
+    STUDENT_FILE,
+    STUDENT_JSON,
+    is_student_dir,
+    load_student,
+    resolve_student_dir,
+    save_student,
+    student_info,
+    teacher_of,
+)
+from kforcing.students.targets import (  # noqa: F401  (moved; re-export for callers)
+    ar_rollout,
+    invert_noise,
+    teacher_conditionals,
+    tempered_probs,
+)
+from kforcing.training.rundir import (
+    TRAINER_JSON,
+    TRAINER_TENSORS,
+    Progress,
+    RunDir,
+    check_corpus,
+    check_same_config,
+    interrupted,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    stop_signals,
+)
+from kforcing.training.selfdata import teacher_corpus
 
 TARGETS = ("self-forcing", "ar-rollout", "noise-inversion")
-STUDENT_FILE, STUDENT_JSON = "student.safetensors", "student.json"
+# fields a resumed stage may change: its budget, its cadence, where it runs
+RESUMABLE = {"out_dir", "max_steps", "time_budget_min", "eval_every_min", "ckpt_every", "device"}
+# what a stage started with --init takes from its init student unless a flag overrides it
+INHERITED = ("layout", "head", "cdf_order", "noise_min_freq", "noise_max_freq", "noise_blocks")
 
 
 @dataclass
@@ -91,8 +119,22 @@ class DistillConfig:
             raise KForcingError(f"k={self.k} must be in [1, max_k={self.student.max_k}]")
         if self.target not in TARGETS:
             raise KForcingError(f"target must be one of {TARGETS}, got '{self.target}'")
-        if not 0 < self.tau_min <= self.tau_max:
-            raise KForcingError("need 0 < tau_min <= tau_max")
+        if not 0 < self.tau_min <= self.tau_max < math.inf:
+            raise KForcingError(f"need 0 < tau_min <= tau_max, both finite; got tau_min "
+                                f"{self.tau_min}, tau_max {self.tau_max}")
+        for name in ("lr", "noise_lr", "time_budget_min"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise KForcingError(f"{name} must be a finite number > 0, got {value}")
+        for name in ("eval_every_min", "grad_clip", "weight_decay", "warmup_steps"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise KForcingError(f"{name} must be a finite number >= 0, got "
+                                    f"{getattr(self, name)}")
+        for name in ("max_steps", "batch_size", "ckpt_every", "eval_contexts", "data_free_tokens"):
+            if getattr(self, name) < 1:
+                raise KForcingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size < 2:
+            raise KForcingError(f"block_size must be >= 2, got {self.block_size}")
         if self.tau_start is not None and not 0 < self.tau_start <= self.tau_max:
             raise KForcingError("need 0 < tau_start <= tau_max")
         if self.pos_weights is not None and len(self.pos_weights) != self.k:
@@ -101,72 +143,30 @@ class DistillConfig:
             raise KForcingError("windows must be in [1, block_size]")
 
 
-# -- students on disk --------------------------------------------------------------------------
-
-def save_student(student: PushForward, out: Path, teacher_dir: Path, extra: dict | None = None
-                 ) -> None:
-    """Weights + config; a teacher-preserving student stores no teacher weights, only a path."""
-    atomic_save_tensors(out / STUDENT_FILE, _student_state(student), metadata={"format": "pt"})
-    atomic_write_json(out / STUDENT_JSON, {"student": asdict(student.config),
-                                           "teacher": str(Path(teacher_dir).resolve()),
-                                           **(extra or {})})
-    tok = Path(teacher_dir) / "tokenizer.json"
-    if tok.is_file():
-        (out / "tokenizer.json").write_bytes(tok.read_bytes())
+def stage_student_config(init: str | None, flags: dict[str, Any]) -> StudentConfig:
+    """The student config of a stage from the flags the user gave: with --init, the init
+    student's layout, head, CDF order and noise encoder are inherited (a flag that contradicts
+    one of them is refused, naming both values); without, the defaults."""
+    if init is None:
+        return from_dict(StudentConfig, flags)
+    prev = student_info(init).config
+    _check_inherited(prev, {k: v for k, v in flags.items() if k in INHERITED}, init)
+    return from_dict(StudentConfig, {**asdict(prev), **flags})
 
 
-def _student_state(student: PushForward) -> dict[str, torch.Tensor]:
-    state = student.state_dict()
-    if student.model_config.tie_embeddings:
-        state.pop("backbone.output.weight", None)
-    return state
+def _check_inherited(prev: StudentConfig, wanted: dict[str, Any], init: str) -> None:
+    clash = [f"{k} {v!r} here, {getattr(prev, k)!r} in {init}" for k, v in wanted.items()
+             if k in INHERITED and v != getattr(prev, k)]
+    if clash:
+        raise KForcingError(f"a stage must keep the previous stage's layout and head (and CDF "
+                            f"order, noise encoder): {'; '.join(clash)}; drop the flag to "
+                            "inherit it")
 
 
-def resolve_student_dir(path: str | Path) -> Path:
-    d = Path(path)
-    if not d.exists():
-        raise KForcingError(f"checkpoint not found: {path}")
-    if (d / STUDENT_JSON).is_file() or _shared_kind(d) == "student":
-        return d
-    latest = d / "checkpoints" / "latest.json"
-    if latest.is_file():
-        d = resolve_model_dir(d) if not (d / STUDENT_JSON).is_file() else d
-        if (d / STUDENT_JSON).is_file():
-            return d
-    raise KForcingError(f"no K-Forcing student in {path}: expected {STUDENT_JSON}")
-
-
-def _shared_kind(d: Path) -> str | None:
-    from kforcing.students.share import shared_kind
-    return shared_kind(d)
-
-
-def is_student_dir(path: str | Path) -> bool:
-    try:
-        resolve_student_dir(path)
-        return True
-    except KForcingError:
-        return False
-
-
-def load_student(path: str | Path, device: str = "cpu") -> PushForward:
-    """Rebuild a student from its directory (and its teacher, found through the saved path)."""
-    d = resolve_student_dir(path)
-    if not (d / STUDENT_JSON).is_file():          # a self-contained kforcing.save directory
-        from kforcing.students.share import load
-        return load(d, device=device)
-    meta = load_json(d / STUDENT_JSON)
-    teacher = load_model(meta["teacher"], device=device)
-    student = PushForward(teacher, from_dict(StudentConfig, meta["student"]))
-    state = load_tensors(d / STUDENT_FILE)
-    if teacher.config.tie_embeddings and "backbone.tok_embeddings.weight" in state:
-        state["backbone.output.weight"] = state["backbone.tok_embeddings.weight"]
-    try:
-        student.load_state_dict(state)
-    except RuntimeError as e:
-        raise KForcingError(f"{d / STUDENT_FILE} does not match its config: "
-                            f"{str(e).splitlines()[0]}") from None
-    return student.to(device).eval()
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A DistillConfig dict with its paths made absolute, for the resume check."""
+    paths = {k: str(Path(cfg[k]).resolve()) for k in ("teacher", "data", "init") if cfg.get(k)}
+    return {**cfg, **paths}
 
 
 def freeze_backbone(student: PushForward, last_blocks: int) -> None:
@@ -182,89 +182,31 @@ def freeze_backbone(student: PushForward, last_blocks: int) -> None:
         bb.norm.requires_grad_(True)
 
 
-def teacher_of(student: PushForward, student_dir: str | Path | None = None):
-    """The AR teacher behind a student: the frozen one it holds (teacher-preserving layout),
-    else the teacher checkpoint named in its student.json (a shared-layout student's backbone
-    is fine-tuned, so it is not the teacher)."""
-    if student.teacher is not None:
-        return student.teacher
-    if student_dir is None:
-        raise KForcingError("this shared-layout student holds no teacher: give its directory")
-    d = resolve_student_dir(student_dir)
-    if not (d / STUDENT_JSON).is_file():   # a self-contained shareable directory
-        raise KForcingError(f"{student_dir} is a shared-layout student saved without its "
-                            "teacher: load the teacher separately (e.g. kforcing import)")
-    meta = load_json(d / STUDENT_JSON)
-    return load_model(meta["teacher"], device=next(student.parameters()).device)
-
-
-# -- targets -----------------------------------------------------------------------------------
-
-@torch.no_grad()
-def teacher_conditionals(teacher, x: torch.Tensor, known: torch.Tensor, anchors: torch.Tensor
-                         ) -> torch.Tensor:
-    """Teacher logits p(. | x<=t, y_<i) for i = 1..j+1 along known tokens y (B, M, j), for
-    each anchor t, in one staircase pass: (B, M, j+1, V)."""
-    B, N = x.shape
-    M, j = anchors.numel(), known.shape[-1]
-    st = staircase(N, j, anchors, device=x.device)
-    logits = teacher(torch.cat([x, known.flatten(1, 2)], 1), input_pos=st.positions,
-                     mask=st.mask[None, None])
-    first = logits[:, anchors].unsqueeze(2)                                  # (B, M, 1, V)
-    return torch.cat([first, logits[:, N:].view(B, M, j, logits.shape[-1])], dim=2)
-
-
-@torch.no_grad()
-def ar_rollout(teacher, x: torch.Tensor, u: torch.Tensor, tau: torch.Tensor, anchors: torch.Tensor,
-               order: str) -> torch.Tensor:
-    """Exact k-step AR samples G(x<=t, u_1..u_k) for each anchor: (B, M, k) tokens.
-
-    Step j runs the teacher once over [context | windows of the j-1 tokens drawn so far]."""
-    B = x.shape[0]
-    ys = torch.empty(B, anchors.numel(), 0, dtype=torch.long, device=x.device)
-    for j in range(u.shape[-1]):
-        logits = teacher_conditionals(teacher, x, ys, anchors)[:, :, -1]     # (B, M, V)
-        probs = (logits.float() / tau.view(B, 1, 1).float()).softmax(-1)
-        ys = torch.cat([ys, inverse_cdf(probs, u[..., j], order)[..., None]], dim=2)
-    return ys
-
-
-@torch.no_grad()
-def invert_noise(teacher, x: torch.Tensor, tau: torch.Tensor, anchors: torch.Tensor, k: int,
-                 order: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Data tokens x[t+1..t+k] as targets and uniforms inside their CDF intervals: (u, y)."""
-    B, N = x.shape
-    probs = (teacher(x).float() / tau.view(B, 1, 1).float()).softmax(-1)     # (B, N, V)
-    if order == "sorted":
-        probs, perm = torch.sort(probs, dim=-1, descending=True, stable=True)
-        rank = torch.argsort(perm, -1)
-    idx = anchors[:, None] + torch.arange(k, device=x.device)               # (M, k)
-    y = x[:, (idx + 1).clamp(max=N - 1)]                                     # (B, M, k)
-    p = probs[:, idx]                                                       # (B, M, k, V)
-    col = y if order == "vocab" else rank[:, idx].gather(-1, y[..., None]).squeeze(-1)
-    cdf = p.double().cumsum(-1)
-    total = cdf[..., -1]
-    hi = cdf.gather(-1, col[..., None]).squeeze(-1)
-    lo = hi - p.double().gather(-1, col[..., None]).squeeze(-1)
-    r = torch.rand(y.shape, generator=generator, dtype=torch.float64).to(x.device)
-    u = ((lo + r * (hi - lo)) / total).clamp(0.0, 1.0 - 1e-12)
-    return u, y
-
-
 # -- the stage ---------------------------------------------------------------------------------
 
 class Distiller:
     def __init__(self, cfg: DistillConfig, *, resume: bool = False, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out_dir)
+        self.run = RunDir(self.out)
+        # pre-flight: everything knowable before the first step is checked here
+        if not cfg.data and not cfg.data_free:
+            raise KForcingError("no --data given: prepare a corpus with the teacher's tokenizer "
+                                "or pass --data-free to distill on the teacher's own samples")
+        if cfg.data:
+            check_corpus(Path(cfg.data), cfg.block_size)
+        self.run.start(resume)
         self.teacher_dir = resolve_model_dir(cfg.teacher)
         self.teacher = load_model(self.teacher_dir, device=cfg.device).requires_grad_(False)
+        context = self.teacher.config.max_seq_len
+        if cfg.block_size + cfg.k > context:
+            raise KForcingError(f"block_size {cfg.block_size} + k {cfg.k} exceeds the teacher's "
+                                f"context {context}: use --block-size {context - cfg.k} or less")
         torch.manual_seed(cfg.seed)
         if cfg.init:
             self.prev = load_student(cfg.init, device=cfg.device).requires_grad_(False)
-            if self.prev.config.layout != cfg.student.layout or \
-                    self.prev.config.head != cfg.student.head:
-                raise KForcingError("a stage must keep the previous stage's layout and head")
+            _check_inherited(self.prev.config, {k: getattr(cfg.student, k) for k in INHERITED},
+                             cfg.init)
             # the new stage starts from a trainable copy of the frozen previous stage
             # (sharing, not copying, the frozen teacher a teacher-preserving student holds)
             t = self.prev.teacher
@@ -295,24 +237,20 @@ class Distiller:
         self.opt = torch.optim.AdamW(
             [{"params": backbone, "lr": cfg.lr}, {"params": noise_params, "lr": cfg.noise_lr}],
             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-        if not cfg.data and not cfg.data_free:
-            raise KForcingError("no --data given: prepare a corpus with the teacher's tokenizer "
-                                "or pass --data-free to distill on the teacher's own samples")
         data = Path(cfg.data) if cfg.data else self._teacher_samples()
-        self.loader = BlockLoader(TokenFile(data / "train.bin"), block_size=cfg.block_size,
+        train_tokens, val_tokens = check_corpus(data, cfg.block_size)
+        self.loader = BlockLoader(train_tokens, block_size=cfg.block_size,
                                   batch_size=cfg.batch_size, seed=cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.val = self._validation_set(TokenFile(data / "validation.bin"))
+        self.val = self._validation_set(val_tokens)
         self.step, self.elapsed = 0, 0.0
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.last_eval = -math.inf     # training minutes at the last validation
+        self.metrics = self.run.metrics
         if resume:
             self._resume()
-        elif (self.out / "checkpoints" / "latest.json").exists():
-            raise KForcingError(f"{self.out} already holds a run: pass --resume or another --out")
 
     def _teacher_samples(self) -> Path:
         """Data-free mode: a corpus of the teacher's own samples, cached next to the run."""
-        from kforcing.training.selfdata import teacher_corpus
         return teacher_corpus(self.teacher, self.teacher_dir, self.out.parent / "teacher-samples",
                               n_tokens=self.cfg.data_free_tokens, seq_len=2 * self.cfg.block_size,
                               seed=self.cfg.seed, progress=self.progress)
@@ -322,9 +260,7 @@ class Distiller:
         return s.layout == "teacher-preserving" and s.head == "inverse-cdf"
 
     def _prev_k(self) -> int:
-        if self.cfg.init is None:
-            return 0
-        return load_json(resolve_student_dir(self.cfg.init) / STUDENT_JSON).get("k", 0)
+        return 0 if self.cfg.init is None else student_info(self.cfg.init).k or 0
 
     # targets for one batch
     def _batch(self, x: torch.Tensor, gen: torch.Generator, M: int):
@@ -368,8 +304,7 @@ class Distiller:
         if self.cfg.student.head == "inverse-cdf":
             # soft targets: the teacher's own conditionals along the target tokens, at tau
             t = tau.view(-1, 1, 1, 1).float()
-            p = (teacher_conditionals(self.teacher, x, y[..., :-1], anchors).float() / t
-                 ).softmax(-1)
+            p = tempered_probs(teacher_conditionals(self.teacher, x, y[..., :-1], anchors), tau)
             ce = -(p * (out.logits.float() / t).log_softmax(-1)).sum(-1)    # (B, M, k)
         else:
             ce = F.cross_entropy(out.logits.flatten(0, 2).float(), y.flatten(),
@@ -397,79 +332,100 @@ class Distiller:
         tensors, meta = optimizer_tensors(self.opt)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.batch"] = self.gen.get_state()
-        atomic_save_tensors(d / "trainer.safetensors", tensors)
-        atomic_write_json(d / "trainer.json", {"step": self.step, "elapsed": self.elapsed,
-                                               "loader": self.loader.state_dict(),
-                                               "optimizer": meta})
+        atomic_save_tensors(d / TRAINER_TENSORS, tensors)
+        atomic_write_json(d / TRAINER_JSON, {"step": self.step, "elapsed": self.elapsed,
+                                             "last_eval": self.last_eval
+                                             if math.isfinite(self.last_eval) else None,
+                                             "loader": self.loader.state_dict(),
+                                             "optimizer": meta})
 
     def save(self) -> Path:
-        return publish_checkpoint(self.out, self.step, self._write)
+        return self.run.publish(self.step, self._write)
+
+    @staticmethod
+    def _read(d: Path) -> dict[str, Any]:
+        """Every file of a checkpoint, read (and so checked) before any of it is applied."""
+        ckpt = {"meta": load_json(d / STUDENT_JSON), "weights": load_tensors(d / STUDENT_FILE),
+                "tensors": load_tensors(d / TRAINER_TENSORS), "state": load_json(d / TRAINER_JSON)}
+        missing = [k for k in ("distill",) if k not in ckpt["meta"]] + \
+            [k for k in ("step", "elapsed", "loader", "optimizer") if k not in ckpt["state"]] + \
+            [k for k in ("rng.torch", "rng.batch") if k not in ckpt["tensors"]]
+        if missing:
+            raise KForcingError(f"incomplete checkpoint {d}: no {', '.join(missing)}")
+        return ckpt
 
     def _resume(self) -> None:
-        latest = self.out / "checkpoints" / "latest.json"
-        if not latest.is_file():
-            raise KForcingError(f"nothing to resume in {self.out}")
-        d = self.out / "checkpoints" / load_json(latest)["name"]
-        resumed = load_student(d, device=self.cfg.device)
-        self.student.load_state_dict(resumed.state_dict())
-        tensors = load_tensors(d / "trainer.safetensors")
-        state = load_json(d / "trainer.json")
-        load_optimizer_tensors(self.opt, tensors, state["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.gen.set_state(tensors["rng.batch"])
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.elapsed = state["step"], state["elapsed"]
+        found = self.run.resume(self._read)
+        if found is None:
+            return
+        d, ckpt = found
+        check_same_config(_comparable(ckpt["meta"]["distill"]), _comparable(asdict(self.cfg)),
+                          RESUMABLE)
+        load_state(self.student, ckpt["weights"], d / STUDENT_FILE)
+        load_optimizer_tensors(self.opt, ckpt["tensors"], ckpt["state"]["optimizer"])
+        torch.set_rng_state(ckpt["tensors"]["rng.torch"])
+        self.gen.set_state(ckpt["tensors"]["rng.batch"])
+        self.loader.load_state_dict(ckpt["state"]["loader"])
+        self.step, self.elapsed = ckpt["state"]["step"], ckpt["state"]["elapsed"]
+        last_eval = ckpt["state"].get("last_eval")     # (absent in older checkpoints)
+        self.last_eval = -math.inf if last_eval is None else last_eval
         self.metrics.rewind(self.step)
 
     def log(self, rec: dict) -> None:
         self.metrics.append(rec)
 
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        x, _ = self.loader.next_batch()
+        x = x.to(cfg.device)
+        anchors, u, tau, y = self._batch(x, self.gen, cfg.windows)
+        scale = min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
+        for g, base in zip(self.opt.param_groups, (cfg.lr, cfg.noise_lr), strict=True):
+            g["lr"] = base * scale
+        loss, match = self.loss(x, anchors, u, tau, y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss.item(), "match": [round(float(m), 4) for m in match]}
+
     def fit(self, stop_after: int | None = None) -> dict:
         cfg = self.cfg
         budget = cfg.time_budget_min * 60 if cfg.time_budget_min else None
         target = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
-        bar = tqdm(total=target, initial=self.step, disable=not self.progress,
-                   desc=f"distill k={cfg.k}", unit="step", dynamic_ncols=True)
-        last_eval = -math.inf
-        if self.step == 0:
-            self.log({"step": 0, "minutes": 0.0, "val": self.validate()})
-            last_eval = 0.0
-        rec: dict = {}
-        t_last = time.perf_counter()
-        while self.step < target and (budget is None or self.elapsed < budget):
-            x, _ = self.loader.next_batch()
-            x = x.to(cfg.device)
-            anchors, u, tau, y = self._batch(x, self.gen, cfg.windows)
-            scale = min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
-            for g, base in zip(self.opt.param_groups, (cfg.lr, cfg.noise_lr), strict=True):
-                g["lr"] = base * scale
-            loss, match = self.loss(x, anchors, u, tau, y)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step += 1
-            now = time.perf_counter()
-            self.elapsed += now - t_last
-            t_last = now
+        bar = Progress(f"distill k={cfg.k}", max_steps=target, budget_min=cfg.time_budget_min,
+                       step=self.step, minutes=self.elapsed / 60, enabled=self.progress)
+        with stop_signals() as stop:
+            if self.step == 0:
+                self.log({"step": 0, "minutes": 0.0, "val": self.validate()})
+                self.last_eval = 0.0
+            t_last = time.perf_counter()
+            while self.step < target and (budget is None or self.elapsed < budget):
+                rec = self.train_step()
+                now = time.perf_counter()
+                self.elapsed += now - t_last
+                t_last = now
+                rec = {"step": self.step, "minutes": round(self.elapsed / 60, 3), **rec}
+                if self.elapsed / 60 - self.last_eval >= cfg.eval_every_min:
+                    rec["val"] = self.validate()
+                    self.last_eval = self.elapsed / 60
+                    t_last = time.perf_counter()
+                self.log(rec)
+                bar.update(self.step, self.elapsed / 60, loss=f"{rec['loss']:.3f}",
+                           m1=f"{rec['match'][0]:.2f}")
+                if self.step % cfg.ckpt_every == 0 or stop:
+                    self.save()
+                    t_last = time.perf_counter()
+                if stop:
+                    bar.close()
+                    raise interrupted(stop, self.step, self.out)
+            bar.close()
             rec = {"step": self.step, "minutes": round(self.elapsed / 60, 3),
-                   "loss": loss.item(), "match": [round(float(m), 4) for m in match]}
-            if self.elapsed / 60 - last_eval >= cfg.eval_every_min:
-                rec["val"] = self.validate()
-                last_eval = self.elapsed / 60
-                t_last = time.perf_counter()
+                   "val": self.validate(), "final": True}
             self.log(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", m1=f"{float(match[0]):.2f}")
-            if self.step % cfg.ckpt_every == 0:
-                self.save()
-                t_last = time.perf_counter()
-        bar.close()
-        rec = {"step": self.step, "minutes": round(self.elapsed / 60, 3), "val": self.validate(),
-               "final": True}
-        self.log(rec)
-        self.save()
+            self.save()
         return rec
 
 

@@ -16,6 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kforcing.core.config import load_json
+from kforcing.core.model import Transformer
+from kforcing.core.sampling import SamplingConfig
+from kforcing.decoding.ar import generate_ar
 from kforcing.io.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -23,10 +27,8 @@ from kforcing.io.checkpoint import (
     atomic_write_json,
     resolve_model_dir,
 )
-from kforcing.core.config import load_json
-from kforcing.decoding.generate import generate_ar
-from kforcing.core.model import Transformer
-from kforcing.core.sampling import SamplingConfig
+from kforcing.io.tokenizers import load_tokenizer
+from kforcing.io.tokens import token_dtype, write_token_file
 
 
 def start_token(teacher_dir: Path, teacher: Transformer) -> int:
@@ -36,8 +38,7 @@ def start_token(teacher_dir: Path, teacher: Transformer) -> int:
     if tok_cfg.is_file() and tok_file.is_file():
         bos = load_json(tok_cfg).get("bos_token")
         if isinstance(bos, str):
-            from tokenizers import Tokenizer
-            i = Tokenizer.from_file(str(tok_file)).token_to_id(bos)
+            i = load_tokenizer(tok_file).token_to_id(bos)
             if i is not None:
                 return i
     return teacher.config.eos_id if teacher.config.eos_id is not None else 0
@@ -62,7 +63,8 @@ def teacher_corpus(teacher: Transformer, teacher_dir: str | Path, root: str | Pa
     marker = out / "corpus.json"
     if marker.is_file() and load_json(marker).get("tokens", {}).get("train", 0) >= n_tokens:
         return out
-    dtype = np.uint16 if teacher.config.vocab_size <= 65535 else np.uint32
+    vocab = teacher.config.vocab_size
+    dtype = token_dtype(vocab)
     chunk_tokens = batch_size * seq_len
     n_chunks = -(-(n_tokens + n_val) // chunk_tokens)
     bar = tqdm(total=n_chunks * chunk_tokens, unit="tok", desc="teacher samples",
@@ -85,10 +87,8 @@ def teacher_corpus(teacher: Transformer, teacher_dir: str | Path, root: str | Pa
     stream = np.concatenate(chunks)
     splits = {"validation": stream[:n_val], "train": stream[n_val:]}
     for name, toks in splits.items():
-        atomic_write_bytes(out / f"{name}.bin", toks.tobytes())
-        atomic_write_json(out / f"{name}.json", {
-            "dtype": np.dtype(dtype).name, "num_tokens": int(toks.size),
-            "num_documents": int(toks.size // seq_len), "vocab_size": teacher.config.vocab_size})
+        write_token_file(out / f"{name}.bin", [toks], vocab_size=vocab,
+                         num_documents=int(toks.size // seq_len))
     if (teacher_dir / TOKENIZER_FILE).is_file():
         atomic_write_bytes(out / TOKENIZER_FILE, (teacher_dir / TOKENIZER_FILE).read_bytes())
     atomic_write_json(marker, {"source": "teacher samples", "settings": settings,

@@ -14,26 +14,44 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from kforcing.core.config import ModelConfig, TrainConfig, from_dict, load_json
+from kforcing.core.model import Transformer
+from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import (
+    CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
-    MetricsLog,
     atomic_save_tensors,
     atomic_write_json,
     load_state,
     load_tensors,
-    publish_checkpoint,
-    resolve_model_dir,
     save_model,
 )
-from kforcing.core.config import ModelConfig, TrainConfig, from_dict, load_json
-from kforcing.io.data import BlockLoader, TokenFile, eos_id, load_tokenizer
-from kforcing.errors import KForcingError
-from kforcing.core.model import Transformer
+from kforcing.io.tokenizers import eos_id, load_tokenizer
+from kforcing.io.tokens import BlockLoader, TokenFile
+from kforcing.training.rundir import (  # noqa: F401  (optimizer_tensors: re-export for callers)
+    TRAINER_JSON,
+    TRAINER_TENSORS,
+    Progress,
+    RunDir,
+    check_corpus,
+    check_same_config,
+    interrupted,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    stop_signals,
+)
 
-TRAINER_TENSORS, TRAINER_JSON = "trainer.safetensors", "trainer.json"
+# fields a resumed run may change: its budget, its cadence, where it runs
+RESUMABLE = {"out_dir", "max_steps", "time_budget_min", "eval_every", "eval_batches",
+             "ckpt_every", "keep_checkpoints", "device", "threads"}
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    """cfg.warmup_steps, or a tenth of the run when the warmup would not fit in it (a smoke run
+    `--max-steps 3` with the default warmup still warms up, then decays)."""
+    return cfg.warmup_steps if cfg.warmup_steps < cfg.max_steps else cfg.max_steps // 10
 
 
 def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
@@ -42,9 +60,10 @@ def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
     With a time budget, `time_fraction` (elapsed / budget) can move the decay forward, so a run
     that the clock stops early still ends at min_lr rather than mid-schedule.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    warmup = warmup_steps(cfg)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
     progress = min(1.0, max(progress, time_fraction))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
@@ -57,32 +76,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into flat tensors (safetensors) and JSON-able rest."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for key, val in st.items():
-            if torch.is_tensor(val):
-                tensors[f"opt.{pid}.{key}"] = val
-            else:
-                scalars[f"{pid}.{key}"] = val
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                           meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for name, val in tensors.items():
-        if name.startswith("opt."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = val
-    for name, val in meta["scalars"].items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = val
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def evaluate_loss(model: Transformer, token_file: TokenFile, block_size: int, batch_size: int,
@@ -110,20 +103,19 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.progress = progress
+        # pre-flight: everything knowable before the first step is checked here
         data = Path(cfg.data)
-        if not (data / "train.bin").is_file():
-            raise KForcingError(f"no prepared corpus in '{data}': run `kforcing data prepare` "
-                                "first (it writes train.bin, validation.bin, tokenizer.json)")
+        self.train_tokens, self.val_tokens = check_corpus(data, cfg.block_size)
         self.tokenizer_file = data / TOKENIZER_FILE
         tok = load_tokenizer(self.tokenizer_file)
-        self.train_tokens = TokenFile(data / "train.bin")
-        self.val_tokens = TokenFile(data / "validation.bin")
         vocab = tok.get_vocab_size()
         overrides = {"vocab_size": vocab, "eos_id": eos_id(tok), **cfg.model_overrides}
         self.model_cfg = ModelConfig.preset(cfg.model, **overrides)
         if cfg.block_size > self.model_cfg.max_seq_len:
             raise KForcingError(f"block_size {cfg.block_size} exceeds the model context "
                                 f"{self.model_cfg.max_seq_len}")
+        self.run = RunDir(self.out, keep=cfg.keep_checkpoints)
+        self.run.start(resume)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -133,12 +125,9 @@ class Trainer:
                                   batch_size=cfg.batch_size, seed=cfg.seed)
         self.step = 0
         self.elapsed = 0.0    # training seconds accumulated over all sessions of this run
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = self.run.metrics
         if resume:
             self._resume()
-        elif (self.out / "checkpoints" / "latest.json").exists():
-            raise KForcingError(f"{self.out} already holds a run: pass --resume to continue it "
-                                "or choose another --out")
 
     # checkpoints ----------------------------------------------------------------------------
     def _write_checkpoint(self, d: Path) -> None:
@@ -152,23 +141,34 @@ class Trainer:
                                              "optimizer": opt_meta})
 
     def save(self) -> Path:
-        return publish_checkpoint(self.out, self.step, self._write_checkpoint,
-                                  keep=self.cfg.keep_checkpoints)
+        return self.run.publish(self.step, self._write_checkpoint)
+
+    @staticmethod
+    def _read(d: Path) -> dict:
+        """Every file of a checkpoint, read (and so checked) before any of it is applied."""
+        ckpt = {"config": load_json(d / CONFIG_FILE), "weights": load_tensors(d / MODEL_FILE),
+                "tensors": load_tensors(d / TRAINER_TENSORS), "state": load_json(d / TRAINER_JSON)}
+        missing = [k for k in ("train",) if k not in ckpt["config"]] + \
+            [k for k in ("step", "elapsed", "loader", "optimizer") if k not in ckpt["state"]] + \
+            [k for k in ("rng.torch",) if k not in ckpt["tensors"]]
+        if missing:
+            raise KForcingError(f"incomplete checkpoint {d}: no {', '.join(missing)}")
+        return ckpt
 
     def _resume(self) -> None:
-        d = resolve_model_dir(self.out)
-        state = load_json(d / TRAINER_JSON)
-        saved = from_dict(TrainConfig, load_json(d / "config.json")["train"])
-        for key in ("model", "block_size", "batch_size", "grad_accum", "seed", "data"):
-            if getattr(saved, key) != getattr(self.cfg, key):
-                raise KForcingError(f"cannot resume: {key} was {getattr(saved, key)!r}, now "
-                                    f"{getattr(self.cfg, key)!r}")
-        load_state(self.model, load_tensors(d / MODEL_FILE), d / MODEL_FILE)
-        tensors = load_tensors(d / TRAINER_TENSORS)
-        load_optimizer_tensors(self.opt, tensors, state["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.elapsed = state["step"], state["elapsed"]
+        found = self.run.resume(self._read)
+        if found is None:
+            return
+        d, ckpt = found
+        saved = asdict(from_dict(TrainConfig, ckpt["config"]["train"]))
+        now = asdict(self.cfg)
+        saved["data"], now["data"] = (str(Path(c["data"]).resolve()) for c in (saved, now))
+        check_same_config(saved, now, RESUMABLE)
+        load_state(self.model, ckpt["weights"], d / MODEL_FILE)
+        load_optimizer_tensors(self.opt, ckpt["tensors"], ckpt["state"]["optimizer"])
+        torch.set_rng_state(ckpt["tensors"]["rng.torch"])
+        self.loader.load_state_dict(ckpt["state"]["loader"])
+        self.step, self.elapsed = ckpt["state"]["step"], ckpt["state"]["elapsed"]
         self.metrics.rewind(self.step)
 
     def log(self, record: dict) -> None:
@@ -207,45 +207,49 @@ class Trainer:
                              self.cfg.batch_size, self.cfg.eval_batches, self.cfg.device)
 
     def fit(self, stop_after: int | None = None) -> dict:
-        """Train to max_steps (or time budget, or `stop_after` more steps); returns last metrics."""
+        """Train to max_steps (or time budget, or `stop_after` more steps); returns last metrics.
+        SIGINT / SIGTERM save a checkpoint, then raise KeyboardInterrupt."""
         cfg = self.cfg
         self.model.train()
         budget = cfg.time_budget_min * 60 if cfg.time_budget_min else None
         target = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
         last: dict = {}
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress,
-                   desc="train", unit="step", dynamic_ncols=True)
-        t_last = time.perf_counter()
-        while self.step < target:
-            if budget is not None and self.elapsed >= budget:
-                break
-            loss = self.train_step()
-            lr = self.opt.param_groups[0]["lr"]
-            now = time.perf_counter()
-            self.elapsed += now - t_last
-            t_last = now
-            last = {"step": self.step, "loss": loss, "lr": lr,
-                    "elapsed_s": round(self.elapsed, 3),
-                    "tokens_per_s": round(tokens_per_step * self.step / max(self.elapsed, 1e-9),
-                                          1)}
-            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+        bar = Progress("train", max_steps=target, budget_min=cfg.time_budget_min, step=self.step,
+                       minutes=self.elapsed / 60, enabled=self.progress)
+        with stop_signals() as stop:
+            t_last = time.perf_counter()
+            while self.step < target:
+                if budget is not None and self.elapsed >= budget:
+                    break
+                loss = self.train_step()
+                lr = self.opt.param_groups[0]["lr"]
+                now = time.perf_counter()
+                self.elapsed += now - t_last
+                t_last = now
+                last = {"step": self.step, "loss": loss, "lr": lr,
+                        "elapsed_s": round(self.elapsed, 3),
+                        "tokens_per_s": round(tokens_per_step * self.step /
+                                              max(self.elapsed, 1e-9), 1)}
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    val = self.validate()
+                    last.update(val_loss=val, val_ppl=math.exp(val))
+                    t_last = time.perf_counter()   # validation time is not training time
+                self.log(last)
+                bar.update(self.step, self.elapsed / 60, loss=f"{loss:.3f}",
+                           **({"val_ppl": f"{last['val_ppl']:.1f}"} if "val_ppl" in last else {}))
+                if self.step % cfg.ckpt_every == 0 or stop:
+                    self.save()
+                    t_last = time.perf_counter()
+                if stop:
+                    bar.close()
+                    raise interrupted(stop, self.step, self.out)
+            bar.close()
+            if "val_loss" not in last and last:
                 val = self.validate()
                 last.update(val_loss=val, val_ppl=math.exp(val))
-                t_last = time.perf_counter()   # validation time is not training time
-            self.log(last)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", **({"val_ppl": f"{last['val_ppl']:.1f}"}
-                                                    if "val_ppl" in last else {}))
-            if self.step % cfg.ckpt_every == 0:
-                self.save()
-                t_last = time.perf_counter()
-        bar.close()
-        if "val_loss" not in last and last:
-            val = self.validate()
-            last.update(val_loss=val, val_ppl=math.exp(val))
-            self.log({**last, "final": True})
-        self.save()
+                self.log({**last, "final": True})
+            self.save()
         return last
 
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The token-feedback student on the Brown teacher (issue 11), end to end, resumable:
+# teacher cache -> stage k=1 (teacher-forced) -> self-forcing k=2 -> k=4 -> measurements.
+# Usage: experiments/feedback_chain.sh [OUT]   (default /work/runs/fb)
+# Budgets are CPU-minutes of one thread; run it pinned, e.g.
+#   OMP_NUM_THREADS=1 taskset -c 1 nohup experiments/feedback_chain.sh runs/fb > runs/fb.log 2>&1 &
+set -euo pipefail
+OUT=${1:-/work/runs/fb}
+TEACHER=${TEACHER:-/work/runs/teacher-small}
+DATA=${DATA:-.cache/prepared/brown-v8192-s0}
+PY=${PY:-.venv/bin/python}
+S1_MIN=${S1_MIN:-20}; K2_MIN=${K2_MIN:-10}; K4_MIN=${K4_MIN:-15}
+EXTRA=${EXTRA:-}          # extra train flags for every stage, e.g. "--draft-vocab 2048"
+T="$PY experiments/feedback_train.py"
+M="$PY experiments/feedback_measure.py"
+resume() { [ -f "$1/checkpoints/latest.json" ] && echo --resume || true; }
+
+CACHE=${CACHE:-$OUT/cache}   # the teacher cache does not depend on the draft: share it
+$T cache --teacher "$TEACHER" --data "$DATA" --out "$CACHE" --windows ${WINDOWS:-4096} --quiet
+$T train --teacher "$TEACHER" --data "$DATA" --k 1 --cache "$CACHE" --out "$OUT/s1" \
+  --budget-min "$S1_MIN" --quiet $EXTRA $(resume "$OUT/s1")
+$T train --teacher "$TEACHER" --data "$DATA" --k 2 --init "$OUT/s1" --out "$OUT/k2" \
+  --budget-min "$K2_MIN" --anchors 64 --bf16 --lr 1e-3 --quiet $EXTRA $(resume "$OUT/k2")
+$T train --teacher "$TEACHER" --data "$DATA" --k 4 --init "$OUT/k2" --out "$OUT/k4" \
+  --budget-min "$K4_MIN" --anchors 32 --bf16 --lr 1e-3 --quiet $EXTRA $(resume "$OUT/k4")
+$M curves --runs "$OUT/s1" "$OUT/k2" "$OUT/k4" --out "$OUT/curves.png"
+for run in s1 k2 k4; do
+  $M match --student "$OUT/$run" --data "$DATA" --out "$OUT/match-$run.json" > /dev/null
+done
+$M quality --student "$OUT/k4" --data "$DATA" --out "$OUT/quality-k4.json" > /dev/null
+$M speed --student "$OUT/k4" --ks 2 4 --out "$OUT/speed-k4.json" > /dev/null
+echo "done: $OUT"

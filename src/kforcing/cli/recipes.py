@@ -1,0 +1,82 @@
+"""The recipes: `kforcing demo` (the whole chain in minutes) and `kforcing reproduce` (the whole
+chain from nothing to docs/RESULTS.md, resumable)."""
+
+from __future__ import annotations
+
+from kforcing.cli.common import cache_flag, count, default_of, ints, non_negative, positive
+from kforcing.evaluation.bench import command_line, parse_tokens_at
+from kforcing.recipes.demo import run_demo
+from kforcing.recipes.reproduce import ReproduceConfig, run_reproduce
+
+
+def cmd_demo(args) -> None:
+    run_demo(minutes=args.minutes, teacher=args.teacher, out=args.out, cache=args.cache,
+             new_tokens=args.new_tokens, distill_minutes=args.distill_minutes,
+             student=args.student)
+
+
+# flags of `kforcing reproduce` that set a ReproduceConfig field of the same name, with a type
+REPRODUCE_FLAGS = {
+    "out": str, "results": str, "results_dir": str, "source": str, "vocab_size": count,
+    "data": str, "teacher": str, "draft": str, "scale": positive, "teacher_min": positive,
+    "stage_min": positive, "draft_min": positive, "teacher_preset": str, "draft_preset": str,
+    "teacher_block_size": count, "teacher_batch_size": count, "distill_block_size": count,
+    "distill_batch_size": count, "eval_contexts": count, "match_windows": count,
+    "sample_tokens": count, "judge": str, "bench_new_tokens": count, "bench_repeats": count,
+    "bench_max_seconds": non_negative,
+}
+
+
+def reproduce_config(args) -> ReproduceConfig:
+    return ReproduceConfig(
+        **{name: getattr(args, name) for name in REPRODUCE_FLAGS}, cache=args.cache,
+        students=args.students.split(",") if args.students else None,
+        eval={k: v for k, v in {"new_tokens": args.eval_new_tokens,
+                                "prompts": args.eval_prompts}.items() if v is not None},
+        bench_batch_sizes=ints(args.bench_batch_sizes, "--bench-batch-sizes"),
+        bench_new_tokens_at=parse_tokens_at(args.bench_new_tokens_at, "--bench-new-tokens-at"),
+        progress=not args.quiet)
+
+
+def cmd_reproduce(args) -> None:
+    run_reproduce(reproduce_config(args), command=command_line())
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser("demo", help="the whole chain on the built-in default (Brown, small)")
+    sp.add_argument("--minutes", type=positive, default=default_of(run_demo, "minutes"),
+                    help="teacher training budget when no trained teacher is found")
+    sp.add_argument("--teacher", help="use this trained teacher instead")
+    sp.add_argument("--student", help="use this K-Forcing student instead of distilling")
+    sp.add_argument("--distill-minutes", type=positive,
+                    default=default_of(run_demo, "distill_minutes"),
+                    help="budget per distillation stage when no student is found")
+    sp.add_argument("--out", default=default_of(run_demo, "out"))
+    sp.add_argument("--new-tokens", type=count, default=default_of(run_demo, "new_tokens"))
+    cache_flag(sp)
+    sp.set_defaults(run=cmd_demo)
+
+    sp = sub.add_parser("reproduce", help="the whole chain on Brown from nothing, resumable: "
+                        "teacher, distillation, draft, eval, bench -> docs/RESULTS.md")
+    helps = {"out": "run directory (state.json, models)", "results": "the Markdown report",
+             "results_dir": "bench.jsonl and PNGs", "data": "use this prepared corpus",
+             "teacher": "use this trained teacher", "draft": "use this draft model",
+             "scale": "multiplies every training budget (0.01: a smoke run of minutes)",
+             "stage_min": "minutes per distillation stage",
+             "judge": "judge LM of the eval step (or none)"}
+    for name, typ in REPRODUCE_FLAGS.items():
+        default = default_of(ReproduceConfig, name)
+        sp.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=default,
+                        help=f"{helps.get(name, '')} (default: {default})".lstrip())
+    cache_flag(sp)
+    sp.add_argument("--students", help="use these stages: K1_DIR,K2_DIR,K4_DIR")
+    sp.add_argument("--eval-new-tokens", type=count, help="eval: tokens per free-running sample")
+    sp.add_argument("--eval-prompts", type=count, help="eval: held-out prompts")
+    sp.add_argument("--bench-batch-sizes",
+                    default=",".join(map(str, default_of(ReproduceConfig, "bench_batch_sizes"))))
+    sp.add_argument("--bench-new-tokens-at", default=",".join(
+        f"{b}={n}" for b, n in default_of(ReproduceConfig, "bench_new_tokens_at").items()),
+        help="per batch size new-token counts, e.g. 64=128,256=64 ('' for none)")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(run=cmd_reproduce)
+

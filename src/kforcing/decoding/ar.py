@@ -1,0 +1,85 @@
+"""Plain autoregressive decoding with the KV cache: one forward pass per new token.
+
+Token j of row b (j = 0 is the first new token) is sampled with noise index j of row b's
+stream (kforcing.core.noise), so a row's text depends only on its prompt and its seed, and
+lossless decoding, which spends the same noise, reproduces it token for token.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.model import Transformer
+from kforcing.core.noise import NoiseStream
+from kforcing.core.sampling import SamplingConfig, sample, token_noise
+from kforcing.decoding.common import (
+    GenerationResult,
+    check_prompts,
+    cut_at_eos,
+    noise_for,
+    prefill,
+    sync_fn,
+)
+from kforcing.errors import KForcingError
+
+
+@torch.inference_mode()
+def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
+                sampling: SamplingConfig | None = None, seed: int = 0,
+                noise: NoiseStream | None = None, eos_id: int | None = None,
+                stop_at_eos: bool = True, frequency_penalty: float = 0.0,
+                cache: KVCache | None = None) -> GenerationResult:
+    """prompts (B lists of token ids) -> B continuations of up to max_new_tokens tokens.
+
+    noise: one seed per row (default rows seeded seed, seed + 1, ...). frequency_penalty: each
+    token's logit is lowered by penalty x (times that row has generated it so far)."""
+    cfg = model.config
+    sampling = sampling or SamplingConfig()
+    check_prompts(prompts, max_new_tokens, cfg.max_seq_len, cfg.vocab_size)
+    if frequency_penalty != frequency_penalty:      # nan
+        raise KForcingError(f"frequency_penalty must be a number, got {frequency_penalty}")
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    if cache is None:
+        cache = KVCache.for_model(model, B, max_len=P + max_new_tokens)
+    cache.reset()
+    device = cache.k.device
+    stream = noise_for(noise, seed, B, device)
+    eos = cfg.eos_id if eos_id is None else eos_id
+    sync = sync_fn(device)
+
+    t0 = time.perf_counter()
+    pre = prefill(model, cache, prompts)
+    sync()
+    t1 = time.perf_counter()
+    logits, pos = pre.logits, pre.next_pos
+    counts = torch.zeros(B, cfg.vocab_size, device=device) if frequency_penalty else None
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    passes, steps = 1, 0
+    for step in range(max_new_tokens):
+        if counts is not None:
+            logits = logits.float() - frequency_penalty * counts
+        index = torch.full((B, 1), step, dtype=torch.long, device=device)
+        tok = sample(logits, token_noise(stream, index, sampling, cfg.vocab_size)[:, 0],
+                     sampling)                                             # (B,)
+        out[:, step] = tok
+        steps = step + 1
+        if counts is not None:
+            counts.scatter_add_(1, tok[:, None], torch.ones(B, 1, device=device))
+        if stop_at_eos and eos is not None:
+            done |= tok == eos
+            if bool(done.all()):
+                break
+        if step + 1 == max_new_tokens:
+            break
+        logits = model(tok[:, None], input_pos=pos[:, None], cache=cache)[:, -1]
+        pos = pos + 1
+        passes += 1
+    sync()
+    t2 = time.perf_counter()
+    rows, finished = cut_at_eos(out[:, :steps].tolist(), eos if stop_at_eos else None)
+    return GenerationResult(rows, finished, passes, t1 - t0, t2 - t1)

@@ -1,0 +1,241 @@
+"""Decoding with the token-feedback student (docs/METHOD.md section 9): K-Forcing mode (k tokens
+per teacher pass) and fused lossless mode, plus the window-match measurement.
+
+One loop serves both modes. A row holds `first`, its next token (an exact teacher sample, drawn
+with its own noise from the teacher's logits), and the draft's feature for the step after it.
+A window: the draft proposes y_2..y_k; one teacher pass reads [first, y_2..y_k] (they enter its
+cache) and gives features and logits at each of them.
+
+- kforcing: all k tokens are emitted; the teacher's logits at the last one give the next `first`.
+- lossless: the teacher's own token at slot j (with the noise of that token index) verifies
+  y_{j+2}; the longest agreeing prefix is emitted with `first`, and the teacher's token at the
+  first disagreement (or after the last proposal) becomes the next `first`. Rejected slots are
+  masked out of the cache. Every emitted token is the teacher's token under the same noise, so
+  the output is token-identical to seeded AR sampling with the same sampler and NoiseStream.
+
+After each pass the draft re-reads the committed positions with the teacher's real features,
+(feature at slot j, token after it), which both replaces its speculative entries and gives the
+next window's first draft step (refeed=False keeps the speculative entries instead).
+
+Rows are batched with left padding and per-row RoPE positions; every pass appends k slots to
+every row, and slots that a row rejected (or that belong to a finished row) are masked out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.noise import NoiseStream
+from kforcing.core.sampling import SamplingConfig, probs_from_logits, sample, token_noise
+from kforcing.decoding.common import (
+    GenerationResult,
+    check_prompts,
+    cut_at_eos,
+    left_pad,
+    noise_for,
+    sync_fn,
+)
+from kforcing.errors import KForcingError
+from kforcing.students.feedback import FeedbackStudent, check_k
+
+MODES = ("kforcing", "lossless")
+
+
+@dataclass
+class Window:
+    """What a student's propose() sees of one window (B rows)."""
+    k: int
+    first: torch.Tensor          # (B,) y_1, the row's next token
+    feature: torch.Tensor        # (B, D) the draft's output for the step that reads y_1
+    pos: torch.Tensor            # (B,) RoPE position of y_1
+    draft_cache: KVCache
+    teacher_cache: KVCache       # read-only here (an oracle may copy it)
+    noise: torch.Tensor          # (B, k[, V]): noise[:, i] is the noise of y_{i+2}
+    sampling: SamplingConfig
+    q_logits: torch.Tensor | None = None   # (B, k-1, V) set by propose
+
+    def sample(self, logits: torch.Tensor, i: int) -> torch.Tensor:
+        """Token y_{i+2} from logits (B, V) with its own noise."""
+        return sample(logits, self.noise[:, i], self.sampling)
+
+
+def _noise(stream: NoiseStream, index: torch.Tensor, sampling: SamplingConfig, V: int
+           ) -> torch.Tensor:
+    if sampling.greedy:   # argmax ignores the noise: skip the O(V) Gumbel vectors
+        return torch.zeros(index.shape, dtype=torch.float64, device=index.device)
+    return token_noise(stream, index, sampling, V).to(index.device)
+
+
+def _leading(ok: torch.Tensor) -> torch.Tensor:
+    return ok.long().cumprod(1).sum(1)
+
+
+
+
+def _prefill(student: FeedbackStudent, t_cache: KVCache, d_cache: KVCache, ids: torch.Tensor,
+             valid: torch.Tensor, pos: torch.Tensor, noise: NoiseStream,
+             sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher and draft read the prompts -> (first (B,), draft feature (B, D), teacher logits
+    (B, V) at the last prompt token)."""
+    teacher = student.teacher
+    t_cache.mark_padding(valid)
+    f = teacher(ids, input_pos=pos, cache=t_cache, return_hidden=True)           # (B, P, D)
+    logits = teacher.output(f[:, -1])
+    zero = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
+    first = sample(logits, _noise(noise, zero, sampling, student.vocab_size)[:, 0], sampling)
+    d_cache.mark_padding(valid)
+    h = student.draft(f, torch.cat([ids[:, 1:], first[:, None]], 1), pos, cache=d_cache)
+    return first, h[:, -1], logits
+
+
+@torch.inference_mode()
+def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_new_tokens: int,
+                      *, k: int | None = None, mode: str = "kforcing",
+                      sampling: SamplingConfig | None = None, noise: NoiseStream | None = None,
+                      seed: int = 0, eos_id: int | None = None, stop_at_eos: bool = True,
+                      refeed: bool = True) -> GenerationResult:
+    """Decode k tokens per teacher pass (mode 'kforcing') or sample the teacher exactly with k-1
+    draft proposals per pass (mode 'lossless'). sampling defaults to temperature 1 under the
+    student's coupling; noise defaults to NoiseStream.from_seed(seed, len(prompts)).
+    extra: mode, k, coupling, windows (teacher passes after the prefill), tokens_per_pass
+    (tokens a row gains per window, mean over active rows), refeed."""
+    if mode not in MODES:
+        raise KForcingError(f"mode must be one of {MODES}, got '{mode}'")
+    k = student.config.max_k if k is None else k
+    check_k(k, student.config.max_k)
+    if not isinstance(student, FeedbackStudent):
+        raise KForcingError("generate_feedback needs a feedback student (load_feedback)")
+    B = len(prompts)
+    teacher = student.teacher
+    tc = teacher.config
+    check_prompts(prompts, max_new_tokens, tc.max_seq_len, tc.vocab_size, reserved=k,
+                  why=f"the k={k} window")
+    device = teacher.tok_embeddings.weight.device
+    sampling = sampling or SamplingConfig(coupling=student.config.coupling)
+    noise = noise_for(noise, seed, B, device)
+    eos = (tc.eos_id if eos_id is None else eos_id) if stop_at_eos else None
+    ids, valid, pos = left_pad(prompts, device)
+    cap = ids.shape[1] + k * (max_new_tokens + 1)
+    t_cache = KVCache.for_model(teacher, B, max_len=cap)
+    d_cache = student.new_cache(B, max_len=cap + k)
+    sync = sync_fn(device)
+
+    t0 = time.perf_counter()
+    first, h, _ = _prefill(student, t_cache, d_cache, ids, valid, pos, noise, sampling)
+    sync()
+    t1 = time.perf_counter()
+    out = torch.zeros(B, max_new_tokens + k + 1, dtype=torch.long, device=device)
+    dump = out.shape[1] - 1                       # column that takes discarded writes
+    n = torch.zeros(B, dtype=torch.long, device=device)        # tokens emitted per row
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    p = pos[:, -1] + 1                                          # position of `first`
+    ar_k = torch.arange(k, device=device)
+    rows = torch.arange(B, device=device)
+    windows = gained = row_passes = 0
+    while max_new_tokens and bool((active := ~done & (n < max_new_tokens)).any()):
+        G = _noise(noise, n[:, None] + 1 + ar_k, sampling, tc.vocab_size)   # (B, k[, V])
+        win = Window(k, first, h, p, d_cache, t_cache, G, sampling)
+        spec = d_cache.length
+        z = torch.cat([first[:, None], student.propose(win)], 1)              # (B, k)
+        zpos = p[:, None] + ar_k
+        start = t_cache.length
+        t_cache.mark_padding(active[:, None].expand(B, k))
+        F = teacher(z, input_pos=zpos, cache=t_cache, return_hidden=True)     # (B, k, D)
+        windows += 1
+        if mode == "lossless":
+            t = sample(teacher.output(F), G, sampling)          # teacher's token after slot j
+            a = _leading(z[:, 1:] == t[:, :-1])                 # accepted proposals, [0, k-1]
+            t_cache.valid[:, start:start + k] &= ar_k[None] <= a[:, None]
+            t_cache.has_padding = True
+        else:
+            t_last = sample(teacher.output(F[:, -1]), G[:, -1], sampling)
+            t = torch.cat([z[:, 1:], t_last[:, None]], 1)
+            a = torch.full_like(n, k - 1)
+        keep = (ar_k[None] <= a[:, None]) & active[:, None]
+        out.scatter_(1, torch.where(keep, n[:, None] + ar_k, dump).clamp(max=dump), z)
+        if eos is not None:
+            done |= ((z == eos) & keep).any(1)
+        gained += int((a + 1)[active].sum())
+        row_passes += int(active.sum())
+        # the draft re-reads what was committed, with the teacher's features
+        if refeed:
+            d_cache.truncate(spec)
+            d_cache.mark_padding(keep)
+            h = student.draft(F, t, zpos, cache=d_cache)[rows, a]
+        else:
+            # keep the speculative entries (step j + 3 read slot j's token) that were accepted
+            d_cache.valid[:, spec:d_cache.length] &= ar_k[None, :d_cache.length - spec] < a[:, None]
+            d_cache.has_padding = True
+            d_cache.mark_padding(active[:, None])
+            h = student.draft(F[rows, a][:, None], t[rows, a][:, None], zpos[rows, a][:, None],
+                              cache=d_cache)[:, 0]
+        first = t[rows, a]
+        step = torch.where(active, a + 1, 0)
+        n, p = n + step, p + step
+    sync()
+    t2 = time.perf_counter()
+    rows_out, finished = cut_at_eos(
+        [r[:min(int(c), max_new_tokens)] for r, c in zip(out.tolist(), n.tolist(), strict=True)],
+        eos)
+    extra = {"mode": mode, "k": k, "coupling": sampling.coupling, "windows": windows,
+             "tokens_per_pass": gained / row_passes if row_passes else 0.0, "refeed": refeed}
+    return GenerationResult(rows_out, finished, windows + 1, t1 - t0, t2 - t1, extra=extra)
+
+
+# -- measuring a window against the teacher's own chain ------------------------------------------
+
+@dataclass
+class WindowMatch:
+    tokens: torch.Tensor        # (B, k) the student's window y_1..y_k
+    teacher: torch.Tensor       # (B, k) the teacher's AR chain g_1..g_k under the same noise
+    overlap2: torch.Tensor      # (B,) 1 - TV(q_2, p(. | context, y_1)): any coupling's ceiling
+
+    @property
+    def match(self) -> torch.Tensor:
+        return self.tokens == self.teacher                               # (B, k)
+
+
+@torch.inference_mode()
+def window_match(student: FeedbackStudent, contexts: torch.Tensor, k: int,
+                 sampling: SamplingConfig, noise: NoiseStream) -> WindowMatch:
+    """One window after each context (B, C) (no padding) against the teacher's AR chain with the
+    same noise (token j of a row uses the noise of index j): y_1 = g_1 is the teacher's sample,
+    y_2..y_k come from the draft, g_2..g_k from k-1 teacher steps."""
+    check_k(k, student.config.max_k)
+    teacher = student.teacher
+    B, C = contexts.shape
+    device = contexts.device
+    pos = torch.arange(C, device=device).expand(B, C)
+    valid = torch.ones(B, C, dtype=torch.bool, device=device)
+    t_cache = KVCache.for_model(teacher, B, max_len=C + k)
+    d_cache = student.new_cache(B, max_len=C + k)
+    first, h, _ = _prefill(student, t_cache, d_cache, contexts, valid, pos, noise, sampling)
+    index = torch.arange(1, k + 1, device=device).expand(B, k)
+    G = _noise(noise, index, sampling, student.vocab_size)
+    win = Window(k, first, h, pos[:, -1] + 1, d_cache, t_cache, G, sampling)
+    y = torch.cat([first[:, None], student.propose(win)], 1)
+    g = [first]
+    overlap = torch.ones(B, device=device)
+    for i in range(1, k):
+        logits = teacher(g[-1][:, None], input_pos=pos[:, -1:] + i, cache=t_cache)[:, -1]
+        g.append(sample(logits, G[:, i - 1], sampling))
+        if i == 1:
+            p2 = probs_from_logits(logits, sampling)
+            q2 = probs_from_logits(win.q_logits[:, 0], sampling)
+            overlap = 1 - 0.5 * (p2 - q2).abs().sum(-1)
+    return WindowMatch(y, torch.stack(g, 1), overlap)
+
+
+def summarize_matches(matches: list[WindowMatch]) -> dict:
+    """Per-position, prefix and joint match, 1 - TV at position 2 and the lossless tokens per
+    teacher pass the prefixes imply (1 + expected accepted proposals), as fractions."""
+    m = torch.cat([w.match for w in matches]).float()                     # (N, k)
+    prefix = m.cumprod(1).mean(0)
+    return {"windows": m.shape[0], "per_position": [round(float(x), 4) for x in m.mean(0)],
+            "prefix": [round(float(x), 4) for x in prefix], "joint": round(float(prefix[-1]), 4),
+            "overlap2": round(float(torch.cat([w.overlap2 for w in matches]).mean()), 4),
+            "tokens_per_pass": round(1 + float(prefix[1:].sum()), 4)}

@@ -1,0 +1,292 @@
+"""The token-feedback student (docs/METHOD.md section 9): a frozen teacher plus a small draft
+whose steps see the tokens chosen before them in the window.
+
+A window of k tokens: the teacher's logits at the last committed token give y_1 (an exact
+teacher sample). The draft then runs k-1 cheap sequential steps: step i reads
+(feature, embedding(y_{i-1})), where the feature is the teacher's final hidden state at the last
+committed position for i = 2 and the draft's own previous output after that, and gives q_i
+through the teacher's final norm and output head; y_i is drawn from q_i with token i's noise.
+With the Gumbel coupling (y = argmax(log q + g), the same g the teacher's sampler uses for that
+token), the draft agrees with the teacher about as often as 1 - TV(q_i, p_i) allows.
+
+The teacher is held by reference (out of state_dict and parameters(); `_apply` carries it
+through .to()/.cuda()/.half()), so its KV cache and logits stay exactly the teacher's. A saved
+student holds the draft's weights, its config and the teacher's directory path.
+
+Draft vocabulary (optional): q over the N most frequent corpus token ids only, mapped back to
+full ids (every other token gets probability 0): the output head shrinks from V x dim to N x dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kforcing.core.config import from_dict, load_json
+from kforcing.core.kv_cache import KVCache
+from kforcing.core.model import Block, RMSNorm, Transformer, causal_mask
+from kforcing.core.sampling import COUPLINGS
+from kforcing.errors import KForcingError
+from kforcing.io.checkpoint import (
+    atomic_save_tensors,
+    atomic_write_json,
+    load_model,
+    load_tensors,
+    resolve_model_dir,
+)
+
+FEEDBACK_FILE, FEEDBACK_JSON = "feedback.safetensors", "feedback.json"
+
+
+@dataclass
+class FeedbackConfig:
+    max_k: int = 4
+    draft_layers: int = 1
+    draft_vocab_size: int | None = None   # None: the teacher's whole vocabulary
+    coupling: str = "gumbel"
+    tau_min: float = 0.7                  # temperatures the draft is trained for
+    tau_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_k, int) or self.max_k < 1:
+            raise KForcingError(f"max_k must be a positive integer, got {self.max_k!r}")
+        if not isinstance(self.draft_layers, int) or self.draft_layers < 1:
+            raise KForcingError(f"draft_layers must be a positive integer, got "
+                                f"{self.draft_layers!r}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise KForcingError(f"draft_vocab_size must be positive or None, got "
+                                f"{self.draft_vocab_size}")
+        if self.coupling not in COUPLINGS:
+            raise KForcingError(f"coupling must be one of {COUPLINGS}, got '{self.coupling}'")
+        if not 0 < self.tau_min <= self.tau_max or not math.isfinite(self.tau_max):
+            raise KForcingError(f"need 0 < tau_min <= tau_max, got {self.tau_min}, "
+                                f"{self.tau_max}")
+
+
+def check_k(k: int, max_k: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise KForcingError(f"k must be a positive integer, got {k!r}")
+    if k > max_k:
+        raise KForcingError(f"k={k} exceeds this feedback student's max_k={max_k}")
+
+
+class GrowingKV:
+    """A KV store that grows by concatenation instead of in-place writes, so a training pass can
+    run several sequential draft steps and backpropagate through all of them (KVCache writes
+    into a preallocated buffer, which autograd cannot differentiate across later writes). Same
+    write/commit protocol as KVCache; callers always pass an explicit mask."""
+
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, store: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        K = k if self.k[layer] is None else torch.cat([self.k[layer], k], dim=2)
+        V = v if self.v[layer] is None else torch.cat([self.v[layer], v], dim=2)
+        if store:
+            self.k[layer], self.v[layer] = K, V
+        return K, V
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
+
+class FeedbackStudent(nn.Module):
+    def __init__(self, teacher: Transformer, cfg: FeedbackConfig,
+                 draft_ids: torch.Tensor | None = None):
+        super().__init__()
+        tc = teacher.config
+        self.config = cfg
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        # the draft's blocks have the teacher's width and attention shape
+        self.draft_config = replace(tc, n_layer=cfg.draft_layers, dropout=0.0)
+        self.feat_norm = RMSNorm(tc.dim, tc.norm_eps)
+        self.tok_norm = RMSNorm(tc.dim, tc.norm_eps)
+        self.fc = nn.Linear(2 * tc.dim, tc.dim, bias=False)
+        self.layers = nn.ModuleList(Block(self.draft_config, i) for i in range(cfg.draft_layers))
+        self._init_weights()
+        if cfg.draft_vocab_size is not None:
+            if draft_ids is None:
+                raise KForcingError("a draft vocabulary needs its token ids (draft_ids)")
+            draft_ids = torch.as_tensor(draft_ids, dtype=torch.long).flatten()
+            if draft_ids.numel() != cfg.draft_vocab_size:
+                raise KForcingError(f"draft_ids has {draft_ids.numel()} ids, the config says "
+                                    f"draft_vocab_size={cfg.draft_vocab_size}")
+            if draft_ids.numel() and not 0 <= int(draft_ids.min()) <= int(draft_ids.max()) \
+                    < tc.vocab_size:
+                raise KForcingError(f"draft_ids must lie in [0, {tc.vocab_size})")
+            if draft_ids.unique().numel() != draft_ids.numel():
+                raise KForcingError("draft_ids has repeated token ids")
+            self.register_buffer("draft_ids", draft_ids.clone())
+        else:
+            self.draft_ids = None
+
+    def _init_weights(self) -> None:
+        # as the teacher's own init (Transformer._init_weights), except fc: its feature half
+        # starts as the identity, so an untrained draft predicts roughly the teacher's current
+        # distribution instead of noise
+        for m in self.layers.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for name, p in self.layers.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.draft_layers))
+        dim = self.fc.out_features
+        with torch.no_grad():
+            nn.init.normal_(self.fc.weight, std=0.02)
+            self.fc.weight[:, :dim] += torch.eye(dim)
+
+    def _apply(self, fn, recurse=True):
+        self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    @property
+    def model_config(self):
+        return self.teacher.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.teacher.config.vocab_size
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """The draft's own KV cache (draft_layers layers)."""
+        c, p = self.draft_config, self.teacher.tok_embeddings.weight
+        return KVCache(c.n_layer, batch_size, c.n_kv_head, c.head_dim, max_len,
+                       device=p.device, dtype=self.fc.weight.dtype)
+
+    # -- the draft ------------------------------------------------------------------------------
+    def draft(self, feature: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, *,
+              cache: KVCache | GrowingKV | None = None, mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """feature (B, T, D) normed hidden states, tokens (B, T) the token after each, pos (B, T)
+        RoPE positions -> the draft's features (B, T, D) (the teacher's final norm applied).
+
+        Entry t predicts the token two after the feature's position: fed (f_t, x_{t+1}) it
+        predicts x_{t+2}. With a KVCache all T entries are committed (causal mask, padding
+        slots masked out); a GrowingKV or no cache needs `mask` or plain causal attention.
+        """
+        emb = self.teacher.tok_embeddings(tokens)
+        x = self.fc(torch.cat([self.feat_norm(feature.to(emb.dtype)), self.tok_norm(emb)], -1))
+        B, T, _ = x.shape
+        cos, sin = self.teacher.rope(pos if pos.dim() == 2 else pos.expand(B, T))
+        if mask is None and isinstance(cache, KVCache):
+            cache.check_room(T)
+            past = cache.length
+            if T > 1 or cache.has_padding:
+                valid = cache.valid[:, :past + T] if cache.has_padding else None
+                mask = causal_mask(T, past, valid, device=x.device)
+        if mask is not None and mask.dim() == 3:
+            mask = mask.unsqueeze(1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.commit(T)
+        return self.teacher.norm(x)
+
+    def head_weight(self) -> torch.Tensor:
+        """(V or N, D): the teacher's output head, restricted to the draft vocabulary."""
+        w = self.teacher.output.weight
+        return w if self.draft_ids is None else w[self.draft_ids]
+
+    def draft_logits(self, feature: torch.Tensor) -> torch.Tensor:
+        """feature (..., D) -> q's logits over the draft vocabulary (..., N), or the full one."""
+        return F.linear(feature, self.head_weight())
+
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        """feature (..., D) -> q's logits (..., V) over the full vocabulary (-inf outside the
+        draft vocabulary)."""
+        small = self.draft_logits(feature)
+        if self.draft_ids is None:
+            return small
+        full = small.new_full((*small.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_ids, small)
+
+    def propose(self, window) -> torch.Tensor:
+        """The k-1 draft steps of a window (see decoding.feedback.Window): returns the proposals
+        y_2..y_k (B, k-1) and leaves their logits in window.q_logits (B, k-1, V). Its speculative
+        entries in window.draft_cache are rolled back by the caller."""
+        h, y = window.feature, window.first
+        toks, logits = [], []
+        for i in range(window.k - 1):
+            if i > 0:   # step i + 2 reads the previous step's output and token
+                h = self.draft(h[:, None], y[:, None], window.pos[:, None] + i - 1,
+                               cache=window.draft_cache)[:, 0]
+            q = self.logits(h)
+            y = window.sample(q, i)
+            toks.append(y)
+            logits.append(q)
+        if not toks:
+            return window.first.new_zeros(window.first.shape[0], 0)
+        window.q_logits = torch.stack(logits, 1)
+        return torch.stack(toks, 1)
+
+
+# -- on disk -------------------------------------------------------------------------------------
+
+def save_feedback(student: FeedbackStudent, out: str | Path, teacher_dir: str | Path,
+                  extra: dict | None = None) -> Path:
+    """feedback.safetensors (the draft only) + feedback.json (config, teacher path, extra)."""
+    out = Path(out)
+    atomic_save_tensors(out / FEEDBACK_FILE, dict(student.state_dict()), metadata={"format": "pt"})
+    atomic_write_json(out / FEEDBACK_JSON, {"feedback": asdict(student.config),
+                                            "teacher": str(Path(teacher_dir).resolve()),
+                                            **(extra or {})})
+    tok = resolve_model_dir(teacher_dir) / "tokenizer.json"
+    if tok.is_file():
+        (out / "tokenizer.json").write_bytes(tok.read_bytes())
+    return out
+
+
+def resolve_feedback_dir(path: str | Path) -> Path:
+    """A feedback student directory, or a run directory whose checkpoints/latest.json names one."""
+    d = Path(path)
+    if not d.exists():
+        raise KForcingError(f"checkpoint not found: {path}")
+    if (d / FEEDBACK_JSON).is_file():
+        return d
+    latest = d / "checkpoints" / "latest.json"
+    if latest.is_file():
+        name = load_json(latest)
+        if isinstance(name, dict) and isinstance(name.get("name"), str):
+            sub = d / "checkpoints" / name["name"]
+            if (sub / FEEDBACK_JSON).is_file():
+                return sub
+    raise KForcingError(f"no feedback student in {path}: expected {FEEDBACK_JSON}")
+
+
+def is_feedback_dir(path: str | Path) -> bool:
+    try:
+        resolve_feedback_dir(path)
+        return True
+    except KForcingError:
+        return False
+
+
+def load_feedback(path: str | Path, device: str | torch.device = "cpu",
+                  teacher: Transformer | None = None) -> FeedbackStudent:
+    """Rebuild a feedback student from its directory; its teacher is loaded from the saved path
+    unless given (a teacher already in memory is shared, not copied)."""
+    d = resolve_feedback_dir(path)
+    meta = load_json(d / FEEDBACK_JSON)
+    if not isinstance(meta, dict) or "feedback" not in meta or "teacher" not in meta:
+        raise KForcingError(f"corrupt {d / FEEDBACK_JSON}: expected 'feedback' and 'teacher'")
+    cfg = from_dict(FeedbackConfig, meta["feedback"])
+    if teacher is None:
+        if not Path(meta["teacher"]).exists():
+            raise KForcingError(f"the teacher of {d} is missing: {meta['teacher']} not found")
+        teacher = load_model(meta["teacher"], device=device)
+    state = load_tensors(d / FEEDBACK_FILE)
+    student = FeedbackStudent(teacher, cfg, state.get("draft_ids"))
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as e:
+        raise KForcingError(f"{d / FEEDBACK_FILE} does not match its config: "
+                            f"{str(e).splitlines()[0]}") from None
+    return student.to(device).eval()
