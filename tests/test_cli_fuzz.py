@@ -210,8 +210,25 @@ def with_flag(base: str, flag: str, value: str | None) -> tuple[str, ...]:
     return tuple(argv)
 
 
+def refused_by_parser(words: tuple[str, ...], flag: str, value: str) -> bool:
+    """Whether argparse itself refuses the value (its type or choices): exit code 2."""
+    parser = dict(_subparsers(build_parser()))[words]
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    if action.choices is not None and value not in action.choices:
+        return True
+    try:
+        (action.type or str)(value)
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return True
+    return False
+
+
 def bad(base: str, flag: str, value: str, expect: int = 1, note: str = "") -> Case:
-    return Case(with_flag(base, flag, value), expect, note, f"{base} {flag} {value!r}")
+    argv = with_flag(base, flag, value)
+    words = tuple(argv[:2]) if argv[0] in ("data", "tokenizer", "hf") else argv[:1]
+    if value != BARE and refused_by_parser(words, flag, value):
+        expect = 2
+    return Case(argv, expect, note, f"{base} {flag} {value!r}")
 
 
 # bad paths by what the flag expects
@@ -261,26 +278,28 @@ def table() -> list[Case]:
           bad("train", "--min-lr", "1", note="min_lr above lr"),
           bad("train", "--device", "mps")]
     # -- distill
-    c += [bad("distill", "--teacher", v) for v in MODEL_DIRS]
+    # distillation, benchmarks and export need no tokenizer: a teacher without one is fine
+    c += [bad("distill", "--teacher", v) for v in MODEL_DIRS if "tok" not in v]
     c += [bad("distill", "--data", v) for v in DATA_DIRS]
     c += [bad("distill", "--init", v) for v in STUDENT_DIRS]
     c += [bad("distill", "--config", v) for v in JSON_FILES]
     c += [bad("distill", "--out", v) for v in OUT_DIRS]
     c += [bad("distill", "--k", "3", note="k above max_k"),
           bad("distill", "--k", "2", note="self-forcing k=2 without --init"),
-          bad("distill", "--tau-min", "0.9", note="tau_min above tau_max 1"),
+          bad("distill", "--tau-min", "1.5", note="tau_min above tau_max 1"),
+          bad("distill", "--tau-start", "2", note="tau_start above tau_max 1"),
           bad("distill", "--windows", "64", note="more windows than block positions"),
           bad("distill", "--block-size", "100000", note="longer than the teacher's context"),
-          bad("distill", "--train-last-blocks", "99", note="more blocks than the model has"),
           bad("distill", "--device", "cuda")]
     # -- match / eval
     c += [bad("match", "--student", v) for v in STUDENT_DIRS]
-    c += [bad("match", "--data", v) for v in DATA_DIRS]
+    # match, eval and bench read the validation split only
+    c += [bad("match", "--data", v) for v in DATA_DIRS if v != "{data_bad_train}"]
     c += [bad("match", "--taus", v) for v in ("", "a,b", "nan", "0", "-1", "1,,")]
     c += [bad("match", "--k", "3", note="k above max_k"),
           bad("match", "--block-size", "100000")]
     c += [bad("eval", "--model", v) for v in MODEL_DIRS]
-    c += [bad("eval", "--data", v) for v in DATA_DIRS]
+    c += [bad("eval", "--data", v) for v in DATA_DIRS if v != "{data_bad_train}"]
     c += [bad("eval", "--student", v) for v in ("{missing}", "{teacher}", "{student_bad_json}")]
     c += [Case(("eval", "--data", "{data}"), note="neither --model nor --student"),
           Case(("eval", "--student", "{student}", "--data", "{data}", "--k", "a,b",
@@ -291,11 +310,11 @@ def table() -> list[Case]:
           Case(("eval", "--student", "{student}", "--data", "{data}", "--judge", "none",
                 "--out", "{file}"))]
     # -- bench
-    c += [bad("bench", "--model", v) for v in MODEL_DIRS[:5]]
-    c += [bad("bench", "--student", v) for v in STUDENT_DIRS[:6]]
-    c += [bad("bench", "--data", v) for v in DATA_DIRS[:4]]
-    c += [bad("bench", "--batch-sizes", v) for v in ("", "1,x", "0", "-4", "1,,2")]
-    c += [bad("bench", "--k", v) for v in ("x", "0", "2")]
+    c += [bad("bench", "--model", v) for v in MODEL_DIRS if "tok" not in v]
+    c += [bad("bench", "--student", v) for v in STUDENT_DIRS]
+    c += [bad("bench", "--data", v) for v in DATA_DIRS if v != "{data_bad_train}"]
+    c += [bad("bench", "--batch-sizes", v) for v in ("", "1,x", "0", "-4", "x,")]
+    c += [bad("bench", "--k", v) for v in ("x", "0", "-1", "")]
     c += [bad("bench", "--methods", v) for v in ("bogus", "", "ar,nope")]
     c += [bad("bench", "--new-tokens-at", v) for v in ("x", "1=", "1=0", "=3")]
     c += [bad("bench", "--new-tokens", "100000", note="longer than the context"),
@@ -311,15 +330,17 @@ def table() -> list[Case]:
           bad("data prepare", "--field", "nope")]
     c += [bad("tokenizer train", "--source", v) for v in ("{missing}", "{empty_dir}", "")]
     c += [bad("tokenizer train", "--vocab-size", "100"),
-          bad("tokenizer train", "--out", "{empty_dir}", note="a directory for the file")]
+          bad("tokenizer train", "--out", "{file}/x.json", note="a file for a directory")]
     c += [Case(("data", "fetch", "nope")), Case(("data", "fetch", ""))]
+    c += [Case(("fetch", "nope"), expect=2), Case(("fetch", "smollm2", "--cache", ""), expect=2),
+          Case(("fetch", "smollm2", "--cache", "{file}"), note="a file for the cache directory")]
     # -- import / export / save / curves
     c += [Case(("import", v, "--out", "{out}")) for v in ("{missing}", "{empty_dir}",
                                                            "{junk_gguf}", "{file}",
                                                            "{model_bad_json}")]
     c += [Case(("hf", "import", "--src", v, "--out", "{out}")) for v in (
         "{missing}", "{empty_dir}", "{file}", "{model_bad_json}")]
-    c += [bad("hf export", "--model", v) for v in MODEL_DIRS[:6]]
+    c += [bad("hf export", "--model", v) for v in MODEL_DIRS if v != "{model_no_tok}"]
     c += [bad("hf export", "--out", "{file}")]
     c += [Case(("save", v, "--out", "{out}")) for v in ("{missing}", "{empty_dir}", "{file}",
                                                          "{model_bad_json}",
@@ -339,6 +360,7 @@ def table() -> list[Case]:
     c += [Case((*reproduce, "--students", v)) for v in ("a,b", "{missing},{missing},{missing}")]
     c += [Case((*reproduce, "--bench-batch-sizes", v)) for v in ("x", "", "0")]
     c += [Case((*reproduce, "--bench-new-tokens-at", v)) for v in ("x", "64=0")]
+    c += [Case((*reproduce, "--draft", v)) for v in ("{missing}", "{file}")]
     return c
 
 
@@ -396,14 +418,37 @@ PATH_FLAGS = {("generate", "--model"), ("chat", "--model"), ("train", "--data"),
               ("match", "--data"), ("eval", "--model"), ("eval", "--data"),
               ("bench", "--model"), ("bench", "--student"), ("bench", "--data"),
               ("data prepare", "--tokenizer"), ("hf export", "--model")}
-EVERY_BAD_PATH = sorted({v for group in (MODEL_DIRS, STUDENT_DIRS, DATA_DIRS, JSON_FILES)
-                         for v in group} | {"{junk_gguf}", "{texts}"})
+EVERY_PATH = sorted({v for group in (MODEL_DIRS, STUDENT_DIRS, DATA_DIRS, JSON_FILES)
+                     for v in group} | {"{junk_gguf}", "{texts}", "{teacher}", "{student}",
+                                        "{data}", "{tokenizer}"})
+# every directory the fixture made holds a good tokenizer.json, except these
+NO_TOKENIZER = {"{missing}", "{empty_dir}", "{file}", "{empty_file}", "{bad_json}",
+                "{list_json}", "{typed_json}", "{junk_gguf}", "{unreadable}", "{texts}", "",
+                "{model_bad_tok}", "{model_no_tok}"}
+
+
+def valid_for(base: str, flag: str, value: str) -> bool:
+    """Whether `value` is a good argument for the flag (the sweep tries only the others)."""
+    if flag == "--tokenizer":
+        return value not in NO_TOKENIZER
+    if flag in ("--model", "--teacher"):
+        # distillation, benchmarks and export need no tokenizer; export ships a good one only
+        no_tokenizer_needed = {"distill": {"{model_no_tok}", "{model_bad_tok}"},
+                               "bench": {"{model_no_tok}", "{model_bad_tok}"},
+                               "hf export": {"{model_no_tok}"}}
+        students_too = {"{student}"} if base in ("generate", "chat") else set()
+        return value == "{teacher}" or value in no_tokenizer_needed.get(base, students_too)
+    if flag in ("--student", "--init"):
+        return value == "{student}"
+    if flag == "--data":
+        # match, eval and bench read the validation split only
+        return value == "{data}" or (value == "{data_bad_train}"
+                                     and base in ("match", "eval", "bench"))
+    return False
+
+
 SWEEP = [bad(base, flag, v, note="sweep") for base, flag in sorted(PATH_FLAGS)
-         for v in EVERY_BAD_PATH
-         if not (flag in ("--model", "--teacher") and v == "{model_bad_tok}"
-                 and base in ("distill", "bench", "hf export"))   # no tokenizer needed there
-         and not (flag in ("--model",) and v == "{model_no_tok}" and base in ("bench",
-                                                                             "hf export"))]
+         for v in EVERY_PATH if not valid_for(base, flag, v)]
 
 
 @pytest.mark.slow

@@ -178,6 +178,13 @@ def test_load_jsonl(tmp_path):
         load_documents(str(path))
 
 
+def test_field_is_refused_where_there_are_no_fields(tmp_path):
+    (tmp_path / "a.txt").write_text("some text\n")
+    for source in (tmp_path, tmp_path / "a.txt", "brown"):
+        with pytest.raises(KForcingError, match="--field 'body' applies to .jsonl"):
+            load_documents(str(source), field="body")
+
+
 def test_load_errors(tmp_path, monkeypatch):
     with pytest.raises(KForcingError, match="unknown corpus 'nope'.*hf:NAME"):
         load_documents("nope")

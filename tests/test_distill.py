@@ -387,6 +387,15 @@ def test_stage_with_init_refuses_a_contradicting_flag(tp_stage1, flags, named):
         ({"tau_min": 0.0}, "tau"),
         ({"pos_weights": [1.0, 2.0]}, "pos_weights"),
         ({"windows": 17}, "windows"),
+        ({"tau_max": float("inf")}, "tau"),
+        ({"tau_min": float("nan")}, "tau"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"lr": "fast"}, "lr must be float"),
+        ({"batch_size": "two"}, "batch_size must be int"),
+        ({"time_budget_min": 0.0}, "time_budget_min"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"eval_every_min": -1.0}, "eval_every_min"),
+        ({"block_size": 1, "windows": 1}, "block_size"),
     ],
 )
 def test_distill_config_rejects(saved_tiny_model, tiny_corpus, tmp_path, kw, msg):

@@ -93,9 +93,14 @@ def spawn(tmp: Path, command: str, config: Path, *extra: str, kind: str = "",
     runner = tmp / "fault_runner.py"
     runner.write_text(FAULT_RUNNER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_KIND": kind, "FAULT_AT": str(at)}
-    return subprocess.Popen([sys.executable, str(runner), command, "--config", str(config),
-                             "--quiet", *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    with (tmp / "stderr.txt").open("a") as err:   # a file: a full pipe cannot stall the job
+        return subprocess.Popen([sys.executable, str(runner), command, "--config", str(config),
+                                 "--quiet", *extra], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err)
+
+
+def stderr_of(tmp: Path) -> str:
+    return (tmp / "stderr.txt").read_text()[-4000:]
 
 
 def steps_logged(out: Path) -> int:
@@ -106,7 +111,7 @@ def steps_logged(out: Path) -> int:
     return sum('"loss"' in line for line in lines)
 
 
-def kill_after(proc: subprocess.Popen, out: Path, steps: int, timeout: float = 120) -> None:
+def kill_after(proc: subprocess.Popen, out: Path, steps: int, timeout: float = 600) -> None:
     """SIGKILL the job once it has logged `steps` training steps (or when it is done)."""
     end = time.monotonic() + timeout
     while proc.poll() is None and steps_logged(out) < steps and time.monotonic() < end:
@@ -114,6 +119,7 @@ def kill_after(proc: subprocess.Popen, out: Path, steps: int, timeout: float = 1
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    assert proc.returncode in (0, -signal.SIGKILL), stderr_of(out.parent)
 
 
 def records(out: Path) -> list[dict]:
@@ -167,8 +173,8 @@ def test_train_killed_during_a_checkpoint_write_resumes_to_the_same_end(
     cfg = train_config(tmp_path, tiny_corpus, out)
     # tensor writes 1-2: checkpoint step 2; write 5 is the model of step 6, cut in half
     proc = spawn(tmp_path, "train", cfg, kind="tensors", at=5)
-    proc.wait(timeout=300)
-    assert proc.returncode == -signal.SIGKILL
+    proc.wait(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, stderr_of(tmp_path)
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 4
     assert_resumable(out)
     resume_until_done("train", cfg)
@@ -208,8 +214,8 @@ def test_train_killed_at_every_write(train_reference, tiny_corpus, tmp_path, kin
     out = tmp_path / "run"
     cfg = train_config(tmp_path, tiny_corpus, out)
     proc = spawn(tmp_path, "train", cfg, kind=kind, at=at)
-    proc.wait(timeout=300)
-    assert proc.returncode in (0, -signal.SIGKILL)
+    proc.wait(timeout=600)
+    assert proc.returncode in (0, -signal.SIGKILL), stderr_of(tmp_path)
     assert_resumable(out)
     if proc.returncode != 0:
         resume_until_done("train", cfg)
@@ -224,8 +230,8 @@ def test_distill_killed_at_every_write(distill_reference, saved_tiny_model, tiny
     out = tmp_path / "run"
     cfg = distill_config(tmp_path, saved_tiny_model, tiny_corpus, out)
     proc = spawn(tmp_path, "distill", cfg, kind=kind, at=at)
-    proc.wait(timeout=300)
-    assert proc.returncode in (0, -signal.SIGKILL)
+    proc.wait(timeout=600)
+    assert proc.returncode in (0, -signal.SIGKILL), stderr_of(tmp_path)
     assert_resumable(out)
     if proc.returncode != 0:
         resume_until_done("distill", cfg)

@@ -17,6 +17,7 @@ import torch
 
 from kforcing.core.config import TrainConfig
 from kforcing.errors import KForcingError
+from kforcing.io.checkpoint import save_model
 from kforcing.io.tokens import write_token_file
 from kforcing.students.pushforward import StudentConfig
 from kforcing.training.distill import DistillConfig, Distiller
@@ -253,6 +254,13 @@ def test_distill_refuses_a_block_size_past_the_teachers_context(saved_tiny_model
                                             "context 32"):
         Distiller(distill_cfg(saved_tiny_model, tiny_corpus.dir, tmp_path, block_size=31, k=2,
                               target="ar-rollout"), progress=False)
+
+
+def test_distill_refuses_data_of_a_larger_vocabulary(tiny_corpus, make_model, tmp_path):
+    teacher = save_model(make_model(vocab_size=256, max_seq_len=32), tmp_path / "small-vocab")
+    with pytest.raises(KForcingError, match="vocabulary of 3\\d\\d, more than the teacher's 256"):
+        Distiller(distill_cfg(teacher, tiny_corpus.dir, tmp_path / "d"), progress=False)
+    assert not (tmp_path / "d").exists()
 
 
 def test_smoke_run_of_three_steps(tiny_corpus, tmp_path):

@@ -14,8 +14,10 @@ from kforcing.cli.common import (
     ints,
     natural,
     non_negative,
+    path,
     positive,
 )
+from kforcing.errors import KForcingError
 from kforcing.evaluation.bench import (
     METHODS,
     BenchConfig,
@@ -27,12 +29,16 @@ from kforcing.evaluation.bench import (
 
 
 def bench_config(args) -> BenchConfig:
-    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
+    methods = METHODS
+    if args.methods is not None:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if not methods:
+            raise KForcingError(f"--methods is empty: choose from {', '.join(METHODS)}")
     ks = None
-    if args.k:   # "1,2,4" fixes the K-Forcing rows; "auto" in the list is the kforcing-auto row
+    if args.k is not None:   # "1,2,4": the K-Forcing rows; "auto": the kforcing-auto row
         parts = [p.strip() for p in args.k.split(",") if p.strip()]
         fixed = [p for p in parts if p != "auto"]
-        ks = ints(",".join(fixed), "--k") if fixed else None
+        ks = ints(",".join(fixed), "--k") if fixed or not parts else None
         if "auto" in parts and "kforcing-auto" not in methods:
             methods += ("kforcing-auto",)
     if args.no_hf:
@@ -72,12 +78,14 @@ def cmd_bench(args) -> None:
 def add_parser(sub) -> None:
     sp = sub.add_parser("bench", help="decode speed by batch size: AR, K-Forcing (k, auto), "
                         "lossless, HF generate and assisted generation")
-    sp.add_argument("--model", help="the AR teacher (default: the student's teacher, else a "
+    sp.add_argument("--model", type=path,
+                    help="the AR teacher (default: the student's teacher, else a "
                     "random `small` model)")
-    sp.add_argument("--student", help="K-Forcing student directory")
-    sp.add_argument("--draft", help="small model trained on the same corpus, for HF assisted "
+    sp.add_argument("--student", type=path, help="K-Forcing student directory")
+    sp.add_argument("--draft", type=path,
+                    help="small model trained on the same corpus, for HF assisted "
                     "generation")
-    sp.add_argument("--data", help="prepared corpus: prompts from its validation split "
+    sp.add_argument("--data", type=path, help="prepared corpus: prompts from its validation split "
                     "(default: random tokens)")
     sp.add_argument("--k", help="comma-separated k values of the kforcing rows (default: 1,2,4,8 "
                     "up to max_k); 'auto' adds the kforcing-auto row")
@@ -97,8 +105,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--seed", type=natural, default=default_of(BenchConfig, "seed"))
     sp.add_argument("--threads", type=count, help="torch threads (default: torch's choice)")
     sp.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peers")
-    sp.add_argument("--cache", help="cache directory for the --k auto calibration")
-    sp.add_argument("--out", default="docs/results", help="where bench.jsonl and plots go")
+    sp.add_argument("--cache", type=path, help="cache directory for the --k auto calibration")
+    sp.add_argument("--out", type=path, default="docs/results",
+                    help="where bench.jsonl and plots go")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     device_flag(sp)
     sp.set_defaults(run=cmd_bench)

@@ -13,6 +13,7 @@ from kforcing.cli.common import (
     load_with_tokenizer,
     natural,
     non_negative,
+    path,
     positive,
 )
 from kforcing.decoding.generate import generate
@@ -91,7 +92,8 @@ def cmd_chat(args) -> None:
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("chat", help="chat with a teacher or student (uses its chat template)")
-    sp.add_argument("--model", required=True, help="model, student or shareable directory")
+    sp.add_argument("--model", type=path, required=True,
+                    help="model, student or shareable directory")
     sp.add_argument("--mode", choices=MODES, default="ar",
                     help="ar: the teacher; kforcing: k tokens per pass; lossless: the "
                     "student proposes, the teacher verifies")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kforcing.core.config import load_json
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import load_model, tokenizer_path
 from kforcing.io.tokenizers import load_tokenizer
@@ -54,15 +55,44 @@ def k_or_auto(text: str) -> int | str:
     return "auto" if text == "auto" else _number(text, int, 1, False, "an integer >= 1 or 'auto'")
 
 
-def ints(text: str, flag: str) -> tuple[int, ...]:
-    """'1,4,16' -> (1, 4, 16); anything else is one line naming the flag."""
+def path(text: str) -> str:
+    """A file or directory argument: an empty one (an unset shell variable) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return text
+
+
+def ints(text: str, flag: str, low: int = 1) -> tuple[int, ...]:
+    """'1,4,16' -> (1, 4, 16), each >= low; anything else is one line naming the flag."""
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise KForcingError(f"{flag} expects comma-separated integers, got '{text}'") from None
     if not values:
         raise KForcingError(f"{flag} is empty: give comma-separated integers")
+    if min(values) < low:
+        raise KForcingError(f"{flag} values must be >= {low}, got {min(values)}")
     return values
+
+
+def temperatures(text: str, flag: str) -> list[float]:
+    """'1.0,0.7' -> [1.0, 0.7], each finite and > 0; anything else is one line naming the flag."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise KForcingError(f"{flag} expects comma-separated numbers, got '{text}'") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise KForcingError(f"{flag} expects temperatures > 0, got '{text}'")
+    return values
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """A --config file: a JSON object of config fields."""
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise KForcingError(f"{path} must hold a JSON object of config fields, got a "
+                            f"{type(data).__name__}")
+    return data
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -105,7 +135,8 @@ def config_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cache_flag(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--cache", help="cache directory (default: $KFORCING_CACHE or ./.cache)")
+    sp.add_argument("--cache", type=path,
+                    help="cache directory (default: $KFORCING_CACHE or ./.cache)")
 
 
 def device_flag(sp: argparse.ArgumentParser, default: str | None = "cpu") -> None:

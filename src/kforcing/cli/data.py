@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kforcing.cli.common import cache_flag, count, default_of, natural, print_json
+from kforcing.cli.common import (
+    cache_flag,
+    count,
+    default_of,
+    natural,
+    path,
+    print_json,
+)
 from kforcing.errors import KForcingError
 from kforcing.io.cache import cache_dir
 from kforcing.io.corpora import fetch_brown, load_documents, prepare_corpus, split_documents
@@ -44,11 +51,12 @@ def add_parser(sub) -> None:
     sp.set_defaults(run=cmd_fetch)
 
     sp = data.add_parser("prepare", help="split, train a tokenizer, encode to token files")
-    sp.add_argument("--source", default=default_of(prepare_corpus, "source"),
+    sp.add_argument("--source", type=path, default=default_of(prepare_corpus, "source"),
                     help="'brown', a text file/folder, a .jsonl file, or hf:NAME[:CONFIG]")
-    sp.add_argument("--out", help="output dir (default: <cache>/prepared/...)")
+    sp.add_argument("--out", type=path, help="output dir (default: <cache>/prepared/...)")
     sp.add_argument("--vocab-size", type=count, default=default_of(prepare_corpus, "vocab_size"))
-    sp.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    sp.add_argument("--tokenizer", type=path,
+                    help="use this tokenizer.json instead of training one")
     sp.add_argument("--field", default=default_of(prepare_corpus, "field"),
                     help="JSONL / datasets text field")
     sp.add_argument("--seed", type=natural, default=default_of(prepare_corpus, "seed"))
@@ -58,9 +66,9 @@ def add_parser(sub) -> None:
     tk = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")
     sp = tk.add_parser("train", help="train a byte-level BPE tokenizer")
-    sp.add_argument("--source", default=default_of(prepare_corpus, "source"))
+    sp.add_argument("--source", type=path, default=default_of(prepare_corpus, "source"))
     sp.add_argument("--vocab-size", type=count, default=default_of(train_tokenizer, "vocab_size"))
-    sp.add_argument("--out", required=True, help="path of the tokenizer.json to write")
+    sp.add_argument("--out", type=path, required=True, help="path of the tokenizer.json to write")
     sp.add_argument("--field", default=default_of(load_documents, "field"))
     sp.add_argument("--seed", type=natural, default=default_of(split_documents, "seed"))
     cache_flag(sp)

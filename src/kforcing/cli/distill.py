@@ -9,11 +9,13 @@ from kforcing.cli.common import (
     count,
     default_of,
     device_flag,
+    load_config,
     natural,
+    path,
     positive,
     print_json,
 )
-from kforcing.core.config import from_dict, load_json
+from kforcing.core.config import from_dict
 from kforcing.core.sampling import CDF_ORDERS
 from kforcing.evaluation.curves import plot_curves, summarize
 from kforcing.students.pushforward import HEADS, LAYOUTS, StudentConfig
@@ -25,7 +27,7 @@ STUDENT_FLAGS = ("max_k", "layout", "head", "cdf_order")
 def distill_config(args) -> DistillConfig:
     """The stage's config: the --config file, then every flag the user set; a stage started
     with --init inherits the init student's layout, head and CDF order."""
-    base = load_json(args.config) if args.config else {}
+    base = load_config(args.config) if args.config else {}
     flags = config_values(DistillConfig, args)
     student = {**base.pop("student", {}),
                **{k: getattr(args, k) for k in STUDENT_FLAGS if getattr(args, k) is not None}}
@@ -45,12 +47,12 @@ def cmd_curves(args) -> None:
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("distill", help="one K-Forcing distillation stage (AR -> k=1 -> 2 -> 4)")
-    sp.add_argument("--teacher", help="teacher model or run directory")
-    sp.add_argument("--data", help="prepared corpus directory")
-    sp.add_argument("--out", dest="out_dir", help="stage output directory (default: "
+    sp.add_argument("--teacher", type=path, help="teacher model or run directory")
+    sp.add_argument("--data", type=path, help="prepared corpus directory")
+    sp.add_argument("--out", dest="out_dir", type=path, help="stage output directory (default: "
                     f"{default_of(DistillConfig, 'out_dir')})")
-    sp.add_argument("--init", help="previous stage's student (self-forcing stages)")
-    sp.add_argument("--config", help="JSON file with DistillConfig fields")
+    sp.add_argument("--init", type=path, help="previous stage's student (self-forcing stages)")
+    sp.add_argument("--config", type=path, help="JSON file with DistillConfig fields")
     config_flags(sp, DistillConfig, {"k": count})
     config_flags(sp, StudentConfig, {"max_k": count})
     sp.add_argument("--layout", choices=LAYOUTS,
@@ -78,8 +80,8 @@ def add_parser(sub) -> None:
     sp.set_defaults(run=cmd_distill)
 
     sp = sub.add_parser("curves", help="plot distillation learning curves (match vs minutes)")
-    sp.add_argument("runs", nargs="+", help="distillation run directories")
-    sp.add_argument("--out", required=True, help="PNG path")
+    sp.add_argument("runs", type=path, nargs="+", help="distillation run directories")
+    sp.add_argument("--out", type=path, required=True, help="PNG path")
     sp.add_argument("--tau", default=default_of(plot_curves, "tau"),
                     help="validation set, e.g. tau1 or tau0.7")
     sp.add_argument("--metric", default=default_of(plot_curves, "metric"),

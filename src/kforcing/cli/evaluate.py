@@ -17,9 +17,11 @@ from kforcing.cli.common import (
     ints,
     load_with_tokenizer,
     natural,
+    path,
     positive,
     print_json,
     student_tokenizer,
+    temperatures,
 )
 from kforcing.errors import KForcingError
 from kforcing.evaluation.evaluate import EvalConfig, evaluate
@@ -74,10 +76,10 @@ def eval_students(args) -> None:
         raise KForcingError(f"the student's tokenizer differs from the one of {data}: "
                             "mismatched tokenizer")
     runs, trained_ks = [], []
-    for path, info in zip(args.student, infos, strict=True):
-        student = load_student(path, device=args.device)
+    for student_dir, info in zip(args.student, infos, strict=True):
+        student = load_student(student_dir, device=args.device)
         for k in ks or [info.k or student.config.max_k]:
-            runs.append((str(path), student, k))
+            runs.append((str(student_dir), student, k))
             trained_ks.append(info.k)
     judge, judge_info = load_judge(args.judge, cache=args.cache, device=args.device)
     result = evaluate(teacher, tokens, runs, cfg=cfg, tokenizer=tok, judge=judge,
@@ -119,7 +121,7 @@ def cmd_match(args) -> None:
     k = args.k or student.config.max_k
     check_k(k, student.config.max_k)
     split = TokenFile(Path(args.data) / f"{args.split}.bin")
-    taus = [float(t) for t in args.taus.split(",")]
+    taus = temperatures(args.taus, "--taus")
     # the reference is the teacher itself: in the shared layout the student's context model is
     # its own fine-tuned backbone, not the teacher
     teacher = teacher_of(student, args.student)
@@ -134,14 +136,16 @@ def add_parser(sub) -> None:
     D = EvalConfig()
     sp = sub.add_parser("eval", help="perplexity of a model on a split, or K-Forcing students "
                                      "against their teacher (match, TV, samples) as JSON")
-    sp.add_argument("--model", help="perplexity mode: model or run directory")
-    sp.add_argument("--student", action="append",
+    sp.add_argument("--model", type=path, help="perplexity mode: model or run directory")
+    sp.add_argument("--student", type=path, action="append",
                     help="student mode: a student directory (repeatable)")
-    sp.add_argument("--teacher", help="the students' teacher (default: the first one's own)")
-    sp.add_argument("--data", required=True, help="prepared corpus directory")
+    sp.add_argument("--teacher", type=path,
+                    help="the students' teacher (default: the first one's own)")
+    sp.add_argument("--data", type=path, required=True, help="prepared corpus directory")
     sp.add_argument("--split", default="validation", choices=["train", "validation", "test"])
-    sp.add_argument("--out", help="student mode: JSON file (default: print the JSON)")
-    sp.add_argument("--markdown", help="student mode: also write the tables to this file")
+    sp.add_argument("--out", type=path, help="student mode: JSON file (default: print the JSON)")
+    sp.add_argument("--markdown", type=path,
+                    help="student mode: also write the tables to this file")
     sp.add_argument("--k", help="windows, e.g. 2,4 (default: the k each student was trained at)")
     sp.add_argument("--tau", type=positive, default=D.tau)
     sp.add_argument("--new-tokens", type=count, default=D.new_tokens)
@@ -166,8 +170,8 @@ def add_parser(sub) -> None:
     sp.set_defaults(run=cmd_eval)
 
     sp = sub.add_parser("match", help="student vs teacher: window match rates, same uniforms")
-    sp.add_argument("--student", required=True)
-    sp.add_argument("--data", required=True, help="prepared corpus directory")
+    sp.add_argument("--student", type=path, required=True)
+    sp.add_argument("--data", type=path, required=True, help="prepared corpus directory")
     sp.add_argument("--split", default="validation", choices=["validation", "test"])
     sp.add_argument("--k", type=count, default=None,
                     help="window (default: the student's max_k)")

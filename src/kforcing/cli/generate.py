@@ -13,6 +13,7 @@ from kforcing.cli.common import (
     load_with_tokenizer,
     natural,
     non_negative,
+    path,
     positive,
 )
 from kforcing.core.sampling import CDF_ORDERS, SamplingConfig
@@ -50,7 +51,7 @@ def cmd_generate(args) -> None:
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("generate", help="sample text from a model or a K-Forcing student")
-    sp.add_argument("--model", required=True, help="model, run or student directory")
+    sp.add_argument("--model", type=path, required=True, help="model, run or student directory")
     sp.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     sp.add_argument("--max-new-tokens", type=natural, default=100)
     sp.add_argument("--k", type=k_or_auto, default=None,

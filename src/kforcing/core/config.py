@@ -17,7 +17,7 @@ def _check(cond: bool, msg: str) -> None:
         raise KForcingError(msg)
 
 
-def _check_types(cfg: Any) -> None:
+def check_types(cfg: Any) -> None:
     """Reject wrongly typed values (e.g. "64" from a hand-edited config.json) by field name."""
     simple = {"int": int, "float": (int, float), "bool": bool, "str": str}
     for f in dataclasses.fields(cfg):
@@ -56,7 +56,7 @@ class ModelConfig:
     rope_scaling: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "dim",
                      "intermediate_size", "max_seq_len"):
             _check(getattr(self, name) > 0, f"model config: {name} must be positive")
@@ -138,7 +138,7 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         # what a user most likely got wrong comes first: the preset, then the schedule
         _check(self.model in MODEL_PRESETS, f"unknown model preset '{self.model}': choose one "
                f"of {', '.join(MODEL_PRESETS)}")

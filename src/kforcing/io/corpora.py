@@ -264,9 +264,14 @@ def _load_hf(spec: str, field: str) -> list[Document]:
 def load_documents(
     source: str, *, field: str = "text", cache: Path | None = None
 ) -> list[Document]:
-    """'brown', a text file or folder, a .jsonl file, or 'hf:NAME[:CONFIG]' -> documents."""
+    """'brown', a text file or folder, a .jsonl file, or 'hf:NAME[:CONFIG]' -> documents.
+    `field` names the text of a .jsonl row or a dataset column; other sources refuse one."""
     source = str(source)
     path = Path(source).expanduser()
+    has_fields = source.startswith("hf:") or path.suffix == ".jsonl"
+    if field != "text" and not has_fields:
+        raise KForcingError(f"--field '{field}' applies to .jsonl files and hf: datasets only, "
+                            f"not to '{source}'")
     if source == "brown":
         docs = _read_jsonl(fetch_brown(cache), "text", ids_from_rows=True)
     elif source.startswith("hf:"):

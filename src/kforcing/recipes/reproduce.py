@@ -44,7 +44,7 @@ from kforcing.recipes.commands import command, config_command
 from kforcing.recipes.eval_report import eval_markdown
 from kforcing.recipes.report import write_report
 from kforcing.students.pushforward import StudentConfig
-from kforcing.students.store import load_student
+from kforcing.students.store import load_student, student_info
 from kforcing.training.distill import DistillConfig, Distiller
 from kforcing.training.teacher import Trainer, evaluate_loss
 
@@ -318,8 +318,23 @@ STEP_FNS: dict[str, Callable[[ReproduceConfig, State], dict]] = {
 
 # -- the chain -----------------------------------------------------------------------------------
 
+def check_inputs(cfg: ReproduceConfig) -> None:
+    """The artifacts the user named are checked before anything is written, downloaded or
+    trained."""
+    if cfg.data and not (Path(cfg.data) / "train.bin").is_file():
+        raise KForcingError(f"--data {cfg.data} is not a prepared corpus (no train.bin)")
+    for model in (cfg.teacher, cfg.draft):
+        if model:
+            load_model_config(model)
+    for student in cfg.students or []:
+        student_info(student)
+    bench_config(cfg)                      # the measurement configs are checked now too
+    EvalConfig(**{"tau": 1.0, **cfg.eval})
+
+
 def run_reproduce(cfg: ReproduceConfig, *, command: str = "") -> ReproduceResult:
     """Run every step not yet done (in order), then regenerate the results document."""
+    check_inputs(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     st = State(out / "state.json")

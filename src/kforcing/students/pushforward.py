@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from kforcing.core.config import check_types
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.masks import staircase
 from kforcing.core.model import RMSNorm, Transformer, causal_mask
@@ -42,6 +43,7 @@ class StudentConfig:
     noise_blocks: int = 2             # residual MLP blocks after the projection
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.max_k < 1:
             raise KForcingError(f"max_k must be >= 1, got {self.max_k}")
         if self.layout not in LAYOUTS:

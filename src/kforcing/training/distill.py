@@ -23,10 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kforcing.core.config import from_dict, load_json
+from kforcing.core.config import check_types, from_dict, load_json
 from kforcing.errors import KForcingError
 from kforcing.evaluation.match import MatchSet, build_match_set, match_rates
 from kforcing.io.checkpoint import (
+    TOKENIZER_FILE,
     atomic_save_tensors,
     atomic_write_json,
     load_model,
@@ -34,6 +35,7 @@ from kforcing.io.checkpoint import (
     load_tensors,
     resolve_model_dir,
 )
+from kforcing.io.tokenizers import load_tokenizer
 from kforcing.io.tokens import BlockLoader, TokenFile
 from kforcing.students.pushforward import PushForward, StudentConfig
 from kforcing.students.store import (  # noqa: F401  (moved; re-export for callers)
@@ -111,6 +113,7 @@ class DistillConfig:
     grad_checkpoint: bool = False   # recompute block activations in backward: less memory
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.train_last_blocks is not None and self.train_last_blocks < 0:
             raise KForcingError("train_last_blocks must be >= 0")
         if isinstance(self.student, dict):
@@ -195,7 +198,6 @@ class Distiller:
                                 "or pass --data-free to distill on the teacher's own samples")
         if cfg.data:
             check_corpus(Path(cfg.data), cfg.block_size)
-        self.run.start(resume)
         self.teacher_dir = resolve_model_dir(cfg.teacher)
         self.teacher = load_model(self.teacher_dir, device=cfg.device).requires_grad_(False)
         context = self.teacher.config.max_seq_len
@@ -239,6 +241,13 @@ class Distiller:
             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         data = Path(cfg.data) if cfg.data else self._teacher_samples()
         train_tokens, val_tokens = check_corpus(data, cfg.block_size)
+        vocab = self.teacher.config.vocab_size
+        if (train_tokens.vocab_size or 0) > vocab:
+            raise KForcingError(f"{data} was tokenized with a vocabulary of "
+                                f"{train_tokens.vocab_size}, more than the teacher's {vocab}: "
+                                "prepare it with the teacher's tokenizer (--tokenizer)")
+        if (self.teacher_dir / TOKENIZER_FILE).is_file():   # copied into every checkpoint
+            load_tokenizer(self.teacher_dir / TOKENIZER_FILE)
         self.loader = BlockLoader(train_tokens, block_size=cfg.block_size,
                                   batch_size=cfg.batch_size, seed=cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -246,6 +255,7 @@ class Distiller:
         self.step, self.elapsed = 0, 0.0
         self.last_eval = -math.inf     # training minutes at the last validation
         self.metrics = self.run.metrics
+        self.run.start(resume)      # the last check: nothing is written before it
         if resume:
             self._resume()
 
