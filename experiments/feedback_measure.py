@@ -168,9 +168,7 @@ def curves(a) -> None:
         kmax = len(points[0]["val"][tau]["prefix"])
         for i in range(1, kmax):
             ax.plot(x, [p["val"][tau]["prefix"][i] for p in points], marker=".",
-                    label=f"prefix match to position {i + 1}")
-        ax.plot(x, [p["val"][tau]["per_position"][1] for p in points], ":", color="gray",
-                label="position-2 match")
+                    label=f"prefix match to position {i + 1}" if i > 1 else "position-2 match")
         ax.plot(x, [p["val"][tau]["overlap2"] for p in points], "--", color="black",
                 label="1 - TV at position 2 (ceiling)")
         for p, q in zip(points, points[1:], strict=False):

@@ -37,7 +37,7 @@ from kforcing.io.checkpoint import load_model  # noqa: E402
 from kforcing.serving import bench  # noqa: E402
 from kforcing.serving.app import ServerSettings  # noqa: E402
 from kforcing.serving.config import ROW_KEYS, BenchServeConfig  # noqa: E402
-from kforcing.serving.engine import _STREAMS, Engine  # noqa: E402
+from kforcing.serving.engine import Engine  # noqa: E402
 from kforcing.serving.scheduler import Job, Plan, Scheduler, WaveKey  # noqa: E402
 from kforcing.serving.schemas import MODES  # noqa: E402
 from kforcing.serving.text import TextStream  # noqa: E402
@@ -425,8 +425,6 @@ def test_cli_parsers():
     assert cli_serve.main(["bench-serve"]) == 1          # neither --model nor --url
 
 
-@pytest.mark.xfail(not _STREAMS, reason="on_tokens pending: until the decoders take it, a "
-                   "wave decodes to its end before any token is sent", strict=True)
 def test_a_stopped_row_stops_the_decoder(student, client):
     """With on_tokens, a row that hits its stop sequence leaves the wave at once: the teacher
     runs fewer forward passes than max_tokens."""

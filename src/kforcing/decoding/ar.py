@@ -17,6 +17,8 @@ from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig, sample, token_noise
 from kforcing.decoding.common import (
     GenerationResult,
+    OnTokens,
+    Streamer,
     check_prompts,
     cut_at_eos,
     noise_for,
@@ -31,11 +33,13 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
                 sampling: SamplingConfig | None = None, seed: int = 0,
                 noise: NoiseStream | None = None, eos_id: int | None = None,
                 stop_at_eos: bool = True, frequency_penalty: float = 0.0,
-                cache: KVCache | None = None) -> GenerationResult:
+                cache: KVCache | None = None, on_tokens: OnTokens | None = None
+                ) -> GenerationResult:
     """prompts (B lists of token ids) -> B continuations of up to max_new_tokens tokens.
 
     noise: one seed per row (default rows seeded seed, seed + 1, ...). frequency_penalty: each
-    token's logit is lowered by penalty x (times that row has generated it so far)."""
+    token's logit is lowered by penalty x (times that row has generated it so far). on_tokens:
+    streaming callback (decoding.common.OnTokens)."""
     cfg = model.config
     sampling = sampling or SamplingConfig()
     check_prompts(prompts, max_new_tokens, cfg.max_seq_len, cfg.vocab_size)
@@ -50,6 +54,7 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
     stream = noise_for(noise, seed, B, device)
     eos = cfg.eos_id if eos_id is None else eos_id
     sync = sync_fn(device)
+    streamer = Streamer(on_tokens, B, max_new_tokens, eos if stop_at_eos else None)
 
     t0 = time.perf_counter()
     pre = prefill(model, cache, prompts)
@@ -72,8 +77,10 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
             counts.scatter_add_(1, tok[:, None], torch.ones(B, 1, device=device))
         if stop_at_eos and eos is not None:
             done |= tok == eos
-            if bool(done.all()):
-                break
+        if (stop := streamer.push(tok[:, None])) is not None:
+            done |= stop
+        if bool(done.all()):
+            break
         if step + 1 == max_new_tokens:
             break
         logits = model(tok[:, None], input_pos=pos[:, None], cache=cache)[:, -1]
@@ -82,4 +89,4 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
     sync()
     t2 = time.perf_counter()
     rows, finished = cut_at_eos(out[:, :steps].tolist(), eos if stop_at_eos else None)
-    return GenerationResult(rows, finished, passes, t1 - t0, t2 - t1)
+    return GenerationResult(streamer.cut(rows), finished, passes, t1 - t0, t2 - t1)

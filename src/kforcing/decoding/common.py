@@ -126,3 +126,55 @@ def sync_fn(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return torch.cuda.synchronize
     return lambda: None
+
+
+# on_tokens(new) gets, after every forward pass, the tokens each row gained in it (an empty list
+# for a row that gained none) and may return one flag per row: True stops that row now (a stop
+# sequence was hit, the client went away). Used by the server to stream.
+OnTokens = Callable[[list[list[int]]], "list[bool] | None"]
+
+
+class Streamer:
+    """Hands each pass's new tokens to `on_tokens` and takes back the rows to stop.
+
+    It cuts exactly as the result is cut (after EOS when stop_at_eos, at max_new_tokens), so a
+    row's streamed tokens joined equal its final tokens; a row stopped by the callback keeps what
+    was streamed before the stop (`cut`)."""
+
+    def __init__(self, on_tokens: OnTokens | None, batch_size: int, max_new_tokens: int,
+                 eos: int | None):
+        self.on_tokens = on_tokens
+        self.max_new = max_new_tokens
+        self.eos = eos
+        self.sent = [0] * batch_size
+        self.closed = [False] * batch_size
+        self.stopped = [False] * batch_size
+
+    def push(self, new: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor | None:
+        """new (B, W) tokens of this pass, counts (B,) how many of them each row gained (default
+        all W) -> (B,) bool rows that must not continue, or None without a callback."""
+        if self.on_tokens is None:
+            return None
+        rows = new.tolist()
+        n = counts.tolist() if counts is not None else [len(r) for r in rows]
+        out = []
+        for b, (r, c) in enumerate(zip(rows, n, strict=True)):
+            if self.closed[b]:
+                out.append([])
+                continue
+            r = r[:min(c, self.max_new - self.sent[b])]
+            if self.eos is not None and self.eos in r:
+                r = r[:r.index(self.eos) + 1]
+                self.closed[b] = True
+            self.sent[b] += len(r)
+            self.closed[b] |= self.sent[b] >= self.max_new
+            out.append(r)
+        for b, stop in enumerate(self.on_tokens(out) or ()):
+            if stop and not self.closed[b]:
+                self.closed[b] = self.stopped[b] = True
+        return torch.tensor(self.closed, dtype=torch.bool, device=new.device)
+
+    def cut(self, rows: list[list[int]]) -> list[list[int]]:
+        """Rows stopped by the callback end where their stream ended."""
+        return [r[:s] if stop else r
+                for r, s, stop in zip(rows, self.sent, self.stopped, strict=True)]

@@ -33,6 +33,8 @@ from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig, probs_from_logits, sample, token_noise
 from kforcing.decoding.common import (
     GenerationResult,
+    OnTokens,
+    Streamer,
     check_prompts,
     cut_at_eos,
     left_pad,
@@ -97,12 +99,14 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
                       *, k: int | None = None, mode: str = "kforcing",
                       sampling: SamplingConfig | None = None, noise: NoiseStream | None = None,
                       seed: int = 0, eos_id: int | None = None, stop_at_eos: bool = True,
-                      refeed: bool = True) -> GenerationResult:
+                      refeed: bool = True, on_tokens: OnTokens | None = None
+                      ) -> GenerationResult:
     """Decode k tokens per teacher pass (mode 'kforcing') or sample the teacher exactly with k-1
     draft proposals per pass (mode 'lossless'). sampling defaults to temperature 1 under the
     student's coupling; noise defaults to NoiseStream.from_seed(seed, len(prompts)).
     extra: mode, k, coupling, windows (teacher passes after the prefill), tokens_per_pass
-    (tokens a row gains per window, mean over active rows), refeed."""
+    (tokens a row gains per window, mean over active rows), refeed. on_tokens: streaming
+    callback (decoding.common.OnTokens)."""
     if mode not in MODES:
         raise KForcingError(f"mode must be one of {MODES}, got '{mode}'")
     k = student.config.max_k if k is None else k
@@ -123,6 +127,7 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
     t_cache = KVCache.for_model(teacher, B, max_len=cap)
     d_cache = student.new_cache(B, max_len=cap + k)
     sync = sync_fn(device)
+    streamer = Streamer(on_tokens, B, max_new_tokens, eos)
 
     t0 = time.perf_counter()
     first, h, _ = _prefill(student, t_cache, d_cache, ids, valid, pos, noise, sampling)
@@ -161,6 +166,8 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
             done |= ((z == eos) & keep).any(1)
         gained += int((a + 1)[active].sum())
         row_passes += int(active.sum())
+        if (stop := streamer.push(z, torch.where(active, a + 1, 0))) is not None:
+            done |= stop
         # the draft re-reads what was committed, with the teacher's features
         if refeed:
             d_cache.truncate(spec)
@@ -183,7 +190,7 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         eos)
     extra = {"mode": mode, "k": k, "coupling": sampling.coupling, "windows": windows,
              "tokens_per_pass": gained / row_passes if row_passes else 0.0, "refeed": refeed}
-    return GenerationResult(rows_out, finished, windows + 1, t1 - t0, t2 - t1, extra=extra)
+    return GenerationResult(streamer.cut(rows_out), finished, windows + 1, t1 - t0, t2 - t1, extra=extra)
 
 
 # -- measuring a window against the teacher's own chain ------------------------------------------

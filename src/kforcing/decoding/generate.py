@@ -19,7 +19,7 @@ from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.autok import AutoChoice, choose_k
-from kforcing.decoding.common import GenerationResult
+from kforcing.decoding.common import GenerationResult, OnTokens
 from kforcing.decoding.feedback import generate_feedback
 from kforcing.decoding.kforcing import generate_kforcing, warn_outside_trained_tau
 from kforcing.decoding.lossless import generate_lossless
@@ -35,14 +35,17 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, mode: str 
              temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, noise: NoiseStream | None = None,
              eos_id: int | None = None, stop_at_eos: bool = True,
-             frequency_penalty: float = 0.0, teacher=None) -> GenerationResult:
+             frequency_penalty: float = 0.0, teacher=None,
+             on_tokens: OnTokens | None = None) -> GenerationResult:
     """prompts (B lists of token ids) -> GenerationResult with B continuations.
 
     mode: "ar" | "kforcing" | "lossless" (default "ar" for a plain Transformer, "kforcing" for
     a student). k: tokens per pass (default the student's max_k) or "auto". noise: one seed per
     row (default rows seeded seed, seed + 1, ...): a row's text depends only on its prompt and
     its seed. teacher: a shared-layout student's teacher, needed by modes "ar" and "lossless"
-    (other students hold theirs). With k="auto", extra["auto"] records the choice and why."""
+    (other students hold theirs). With k="auto", extra["auto"] records the choice and why.
+    on_tokens: called after every pass with each row's new tokens; may return per-row stop
+    flags (decoding.common.OnTokens): what a server streams with."""
     student = isinstance(model, PushForward | FeedbackStudent)
     mode = mode or ("kforcing" if student else "ar")
     if mode not in MODES:
@@ -61,11 +64,12 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, mode: str 
             raise KForcingError(f"k={k} needs a K-Forcing student; this is a plain AR model")
         return generate_ar(model, prompts, max_new_tokens, sampling=sampling, seed=seed,
                            noise=noise, eos_id=eos_id, stop_at_eos=stop_at_eos,
-                           frequency_penalty=frequency_penalty)
+                           frequency_penalty=frequency_penalty, on_tokens=on_tokens)
     if mode == "ar" and k not in (None, 1, "auto"):
         raise KForcingError(f"mode 'ar' decodes one token per pass; k={k} needs mode "
                             "'kforcing' or 'lossless'")
-    common = {"seed": seed, "noise": noise, "eos_id": eos_id, "stop_at_eos": stop_at_eos}
+    common = {"seed": seed, "noise": noise, "eos_id": eos_id, "stop_at_eos": stop_at_eos,
+              "on_tokens": on_tokens}
     choice = choose_k(model, len(prompts)) if k == "auto" and mode != "ar" else None
     if choice is not None:
         k = choice.k

@@ -19,6 +19,8 @@ from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.common import (
     GenerationResult,
+    OnTokens,
+    Streamer,
     check_prompts,
     cut_at_eos,
     left_pad,
@@ -86,14 +88,14 @@ def generate_kforcing(student, prompts: list[list[int]], max_new_tokens: int, *,
                       k: int | None = None, sampling: SamplingConfig | None = None,
                       temperature: float | None = None, seed: int = 0,
                       noise: NoiseStream | None = None, eos_id: int | None = None,
-                      stop_at_eos: bool = True, frequency_penalty: float = 0.0
-                      ) -> GenerationResult:
+                      stop_at_eos: bool = True, frequency_penalty: float = 0.0,
+                      on_tokens: OnTokens | None = None) -> GenerationResult:
     """Exactly k new tokens per pass from a PushForward student (k defaults to its max_k).
 
     sampling / temperature: the student's temperature tau (top-k, top-p, another CDF order or
     coupling are refused). noise: one seed per row (default rows seeded seed, seed + 1, ...).
     frequency_penalty: subtracted per earlier occurrence from every output's logits (counts are
-    updated after each pass)."""
+    updated after each pass). on_tokens: streaming callback (decoding.common.OnTokens)."""
     scfg, mcfg = student.config, student.model_config
     k = scfg.max_k if k is None else k
     check_k(k, scfg.max_k)
@@ -111,6 +113,7 @@ def generate_kforcing(student, prompts: list[list[int]], max_new_tokens: int, *,
     counts = torch.zeros(B, mcfg.vocab_size, device=device) if frequency_penalty else None
     ar_k = torch.arange(k, device=device)
     sync = sync_fn(device)
+    streamer = Streamer(on_tokens, B, max_new_tokens, eos if stop_at_eos else None)
 
     t0 = time.perf_counter()
     out = torch.empty(B, 0, dtype=torch.long, device=device)
@@ -127,10 +130,12 @@ def generate_kforcing(student, prompts: list[list[int]], max_new_tokens: int, *,
             counts.scatter_add_(1, toks, torch.ones_like(toks, dtype=counts.dtype))
         if stop_at_eos and eos is not None:
             done |= (toks == eos).any(1)
-            if bool(done.all()):
-                break
+        if (stop := streamer.push(toks)) is not None:
+            done |= stop
+        if bool(done.all()):
+            break
         real, real_pos = toks, real_pos[:, -1:] + torch.arange(1, k + 1, device=device)
     sync()
     t1 = time.perf_counter()
     rows, finished = cut_at_eos(out[:, :max_new_tokens].tolist(), eos if stop_at_eos else None)
-    return GenerationResult(rows, finished, passes, 0.0, t1 - t0, extra={"k": k})
+    return GenerationResult(streamer.cut(rows), finished, passes, 0.0, t1 - t0, extra={"k": k})

@@ -34,6 +34,8 @@ from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig, sample, token_noise
 from kforcing.decoding.common import (
     GenerationResult,
+    OnTokens,
+    Streamer,
     check_prompts,
     cut_at_eos,
     left_pad,
@@ -50,7 +52,8 @@ def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
                       sampling: SamplingConfig | None = None, teacher=None,
                       proposal_tau: float | None = None, seed: int = 0,
                       noise: NoiseStream | None = None, eos_id: int | None = None,
-                      stop_at_eos: bool = True) -> GenerationResult:
+                      stop_at_eos: bool = True, on_tokens: OnTokens | None = None
+                      ) -> GenerationResult:
     """Sample from the teacher exactly, k proposals per step from the student.
 
     sampling: the teacher's sampler (temperature, top-k, top-p; the CDF order defaults to the
@@ -60,7 +63,7 @@ def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
     proposes at 0.7). noise: one seed per row (default rows seeded seed, seed + 1, ...).
     extra: tokens_per_pass (tokens a row gains per teacher pass, mean over active rows),
     accepted_per_pass (proposals accepted per teacher pass), passes_per_token,
-    teacher_passes, fused.
+    teacher_passes, fused. on_tokens: streaming callback (decoding.common.OnTokens).
     """
     scfg, mcfg = student.config, student.model_config
     k = scfg.max_k if k is None else k
@@ -104,7 +107,9 @@ def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
         out=torch.zeros(B, max_new_tokens + k + 2, dtype=torch.long, device=device),
         n=torch.zeros(B, dtype=torch.long, device=device),
         done=torch.zeros(B, dtype=torch.bool, device=device),
-        first_pos=pos[:, -1] + 1)
+        first_pos=pos[:, -1] + 1,
+        streamer=Streamer(on_tokens, B, max_new_tokens,
+                          (mcfg.eos_id if eos_id is None else eos_id) if stop_at_eos else None))
     sync = sync_fn(device)
     t0 = time.perf_counter()
     if max_new_tokens > 0:
@@ -118,7 +123,7 @@ def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
              "tokens_per_pass": run.gained / run.active_rows if run.active_rows else 0.0,
              "accepted_per_pass": run.accepted / run.active_rows if run.active_rows else 0.0,
              "passes_per_token": run.active_rows / run.gained if run.gained else 0.0}
-    return GenerationResult(rows_out, finished, run.passes * (1 if fused else 2), 0.0, t1 - t0,
+    return GenerationResult(run.streamer.cut(rows_out), finished, run.passes * (1 if fused else 2), 0.0, t1 - t0,
                             extra=extra)
 
 
@@ -137,6 +142,7 @@ class _Run:
     n: torch.Tensor          # (B,) tokens emitted per row
     done: torch.Tensor       # (B,) row emitted EOS
     first_pos: torch.Tensor  # (B,) RoPE position of new token 0
+    streamer: Streamer       # the on_tokens callback, if any
     passes: int = 0
     gained: int = 0
     accepted: int = 0
@@ -171,6 +177,9 @@ class _Run:
         self.accepted += int(a[active].sum())
         self.active_rows += int(active.sum())
         self.n = self.n + torch.where(active, a + 1, 0)
+        stop = self.streamer.push(t, torch.where(active, a + 1, 0))
+        if stop is not None:
+            self.done |= stop
 
 
 def _leading(ok: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,13 @@ from kforcing.core.model import Transformer
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.autok import choose_k, machine_info
+from kforcing.decoding.generate import generate
 from kforcing.decoding.kforcing import generate_kforcing
 from kforcing.decoding.lossless import generate_lossless
 from kforcing.errors import KForcingError
+from kforcing.evaluation.bench_machine import Watch, usable_cores
+from kforcing.evaluation.bench_plot import plot, series_label
+from kforcing.evaluation.roofline import DTYPES, dtype_of
 from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json, load_model
 from kforcing.io.data import TokenFile
 from kforcing.io.hf import to_hf_model
@@ -60,6 +64,7 @@ class BenchConfig:
     temperature: float = 1.0           # ours, lossless and hf-generate's sampling rows
     seed: int = 0
     cache: str | None = None           # autok cache directory
+    dtype: str = "fp32"                # weights and activations of every decoder: fp32 | bf16
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -75,6 +80,7 @@ class BenchConfig:
                                 f"noise to samples), got {self.temperature}")
         if self.new_tokens_at and min(self.new_tokens_at.values()) < 1:
             raise KForcingError("new tokens per batch size must be >= 1")
+        dtype_of(self.dtype)
 
     def tokens_at(self, batch_size: int) -> int:
         return (self.new_tokens_at or {}).get(batch_size, self.new_tokens)
@@ -123,16 +129,6 @@ class BenchResult:
                 out.setdefault(series_label(r), {})[r.batch_size] = r.tokens_per_s / ar[
                     r.batch_size]
         return out
-
-
-def series_label(r: BenchRow | dict) -> str:
-    d = asdict(r) if isinstance(r, BenchRow) else r
-    m = d["method"]
-    if m == "kforcing":
-        return f"kforcing k={d['k']}"
-    if m in ("hf-generate", "hf-assisted"):
-        return f"{m} ({d['sampling']})"
-    return m
 
 
 def command_line() -> str:
@@ -231,13 +227,19 @@ class Bench:
     command: str
     hf_teacher: object = None
     hf_draft: object = None
+    usage: dict = field(default_factory=dict)    # the last configuration's load and CPU time
 
     def measure(self, fn: Callable[[int], Run], B: int, warmup: int = 8) -> list[Run]:
-        return measure(fn, self.cfg.tokens_at(B), self.cfg.repeats, self.cfg.max_seconds, warmup)
+        """Warm-up and timed runs, bracketed by the load average and the CPU time they got."""
+        watch = Watch(torch.get_num_threads())
+        runs = measure(fn, self.cfg.tokens_at(B), self.cfg.repeats, self.cfg.max_seconds, warmup)
+        self.usage = watch.stop().record()
+        return runs
 
     def row(self, method: str, k: int | None, sampling: str, runs: list[Run], B: int,
             extra: dict | None = None) -> BenchRow:
-        return _row(method, k, sampling, runs, B, self.cfg, self.machine, self.command, extra)
+        return _row(method, k, sampling, runs, B, self.cfg, {**self.machine, **self.usage},
+                    self.command, extra)
 
 
 def check_models(teacher: Transformer, student, cfg: BenchConfig) -> None:
@@ -312,9 +314,10 @@ def _decode_ar(b: Bench, prompts: list[list[int]]) -> Callable[[int], Run]:
 
 
 def _decode_kforcing(b: Bench, prompts: list[list[int]], k: int) -> Callable[[int], Run]:
-    return _ours(lambda n: generate_kforcing(b.student, prompts, n, k=k,
-                                             temperature=b.cfg.temperature, seed=b.cfg.seed,
-                                             stop_at_eos=False))
+    # `generate` routes every student (PushForward layouts, the token-feedback student)
+    return _ours(lambda n: generate(b.student, prompts, n, mode="kforcing", k=k,
+                                    temperature=b.cfg.temperature, seed=b.cfg.seed,
+                                    stop_at_eos=False))
 
 
 def ar_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
@@ -339,13 +342,13 @@ def kforcing_auto_row(b: Bench, B: int, k: int | None, prompts: list[list[int]])
 def lossless_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
     # a teacher-preserving student verifies with the teacher it holds
     verifier = None if b.student.teacher is not None else b.teacher
-    runs = b.measure(_ours(lambda n: generate_lossless(
-        b.student, prompts, n, temperature=b.cfg.temperature, seed=b.cfg.seed,
+    runs = b.measure(_ours(lambda n: generate(
+        b.student, prompts, n, mode="lossless", temperature=b.cfg.temperature, seed=b.cfg.seed,
         stop_at_eos=False, teacher=verifier)), B)
     last = runs[-1].extra
+    accepted = [r.extra["accepted_per_pass"] for r in runs if "accepted_per_pass" in r.extra]
     return b.row("lossless", b.student.config.max_k, "sample", runs, B,
-                 {"mean_accepted_per_pass": statistics.mean(
-                     r.extra["accepted_per_pass"] for r in runs),
+                 {"mean_accepted_per_pass": statistics.mean(accepted) if accepted else None,
                   "tokens_per_pass": last.get("tokens_per_pass"),
                   "passes_per_token": last.get("passes_per_token"), "fused": last.get("fused")})
 
@@ -374,11 +377,15 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
     the HF peers run); `student` a K-Forcing student of that teacher; `draft` the small model
     for HF assisted generation."""
     cfg = cfg or BenchConfig()
-    teacher = teacher.eval()
+    dt = dtype_of(cfg.dtype)   # cast in place: the models run in the benchmarked dtype
+    teacher = teacher.to(dt).eval()
+    student = None if student is None else student.to(dt)
+    draft = None if draft is None else draft.to(dt)
     check_models(teacher, student, cfg)
     skipped: list[dict] = []
     methods, ks = choose_methods(cfg, student, draft, teacher, skipped)
-    b = Bench(teacher, student, draft, cfg, machine_info(), command or command_line())
+    machine = {**machine_info(), "dtype": cfg.dtype, "cores_pinned": usable_cores()}
+    b = Bench(teacher, student, draft, cfg, machine, command or command_line())
     if methods & {"hf-generate", "hf-assisted"}:
         import transformers  # optional dependency: only the HF peers need it
         b.hf_teacher = to_hf_model(teacher)
@@ -418,41 +425,6 @@ def write_results(result: BenchResult, out: str | Path) -> dict[str, Path]:
                             for s, d in result.speedups().items()}})
     plot(result, paths["tokens_png"], paths["speedup_png"])
     return paths
-
-
-def plot(result: BenchResult, tokens_png: Path, speedup_png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, dict[int, float]] = {}
-    for r in result.rows:
-        series.setdefault(series_label(r), {})[r.batch_size] = r.tokens_per_s
-    m = result.machine
-    fewer = " (fewer at large batches)" if result.config["new_tokens_at"] else ""
-    sub = (f"{result.config['params'] / 1e6:.1f}M params, {result.config['new_tokens']} new "
-           f"tokens{fewer}, {m['threads']} thread(s), {m['cpu'][:40]}")
-    for path, data, ylabel in ((tokens_png, series, "generated tokens / s (batch total)"),
-                               (speedup_png, result.speedups(), "speedup over our AR")):
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for label, d in sorted(data.items()):
-            bs = sorted(d)
-            ax.plot(bs, [d[b] for b in bs], marker="o", label=label,
-                    linestyle="--" if label.startswith("hf") else "-")
-        ax.set_xscale("log", base=2)
-        if path == tokens_png:
-            ax.set_yscale("log")
-        else:
-            ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(ylabel)
-        ax.set_title(sub, fontsize=8)
-        ax.legend(fontsize=7, ncol=2)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
 
 
 def read_rows(path: str | Path) -> list[dict]:
