@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from kforcing.core.config import ModelConfig
-from kforcing.io.data import PreparedCorpus, eos_id, load_tokenizer, prepare_corpus
 from kforcing.core.model import Transformer
+from kforcing.io.data import PreparedCorpus, eos_id, load_tokenizer, prepare_corpus
 
 # The tests are tiny; one thread avoids fighting over the cores with anything else running, and
 # keeps every floating-point reduction in a fixed order.

@@ -26,6 +26,8 @@ from kforcing.evaluation.bench import (
     run_bench,
     write_results,
 )
+from kforcing.evaluation.bench_machine import busy_warning, load_avg_1m, parse_cores, pin_cores
+from kforcing.evaluation.roofline import DTYPES
 
 
 def bench_config(args) -> BenchConfig:
@@ -48,12 +50,16 @@ def bench_config(args) -> BenchConfig:
                        new_tokens_at=parse_tokens_at(args.new_tokens_at, "--new-tokens-at")
                        or None, repeats=args.repeats, max_seconds=args.max_seconds, ks=ks,
                        methods=methods, temperature=args.temperature, seed=args.seed,
-                       cache=args.cache)
+                       cache=args.cache, dtype=args.dtype, roofline=not args.no_roofline)
 
 
 def cmd_bench(args) -> None:
     """Writes <out>/bench.jsonl, bench_meta.json and two PNGs; one JSON line per row."""
     cfg = bench_config(args)
+    if args.cores:
+        pinned = pin_cores(parse_cores(args.cores))
+        print(f"pinned to core(s) {','.join(map(str, pinned))}; load average {load_avg_1m()}",
+              file=sys.stderr)
     teacher, student, draft = load_models(args.model, args.student, args.draft)
     teacher = teacher.to(args.device)
     student = None if student is None else student.to(args.device)
@@ -71,8 +77,14 @@ def cmd_bench(args) -> None:
         print(json.dumps({"method": r.method, "k": r.k, "sampling": r.sampling,
                           "batch_size": r.batch_size, "tokens_per_s": round(r.tokens_per_s, 1),
                           "step_latency_ms": None if r.step_latency_ms is None
-                          else round(r.step_latency_ms, 2), "repeats": r.repeats}))
+                          else round(r.step_latency_ms, 2), "repeats": r.repeats,
+                          "load_avg_1m": r.machine.get("load_avg_1m"),
+                          "busy": r.machine.get("busy"),
+                          "fraction_of_bound": r.extra.get("fraction_of_bound")}))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
+    warning = busy_warning(result.rows)
+    if warning:
+        print("\n" + "!" * 78 + f"\n{warning}\n" + "!" * 78, file=sys.stderr)
 
 
 def add_parser(sub) -> None:
@@ -105,6 +117,12 @@ def add_parser(sub) -> None:
     sp.add_argument("--seed", type=natural, default=default_of(BenchConfig, "seed"))
     sp.add_argument("--threads", type=count, help="torch threads (default: torch's choice)")
     sp.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peers")
+    sp.add_argument("--dtype", choices=tuple(DTYPES), default=default_of(BenchConfig, "dtype"),
+                    help="weights and activations of every decoder")
+    sp.add_argument("--cores", help="pin the process to these cores (e.g. 0 or 0-3) before "
+                    "anything runs; rows record the load average either way")
+    sp.add_argument("--no-roofline", action="store_true",
+                    help="skip the machine calibration and the per-row roofline bound")
     sp.add_argument("--cache", type=path, help="cache directory for the --k auto calibration")
     sp.add_argument("--out", type=path, default="docs/results",
                     help="where bench.jsonl and plots go")

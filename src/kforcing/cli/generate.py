@@ -18,12 +18,14 @@ from kforcing.cli.common import (
 )
 from kforcing.core.sampling import CDF_ORDERS, SamplingConfig
 from kforcing.decoding.generate import generate
+from kforcing.evaluation.roofline import DTYPES, dtype_of
 from kforcing.students.pushforward import PushForward
 from kforcing.students.store import teacher_of
 
 
 def cmd_generate(args) -> None:
     model, tok = load_with_tokenizer(args.model, args.device, allow_student=True)
+    model = model.to(dtype_of(args.dtype))
     prompts = args.prompt or ["The"]
     ids = [tok.encode(p).ids for p in prompts]
     student = isinstance(model, PushForward)
@@ -31,6 +33,7 @@ def cmd_generate(args) -> None:
     # shared-layout student names its teacher's directory
     teacher = (teacher_of(model, args.model)
                if student and (args.lossless or args.k == "auto") else None)
+    teacher = None if teacher is None else teacher.to(model_dtype(model))
     sampling = SamplingConfig(cdf_order=args.cdf_order) if args.cdf_order else None
     res = generate(model, ids, args.max_new_tokens, mode="lossless" if args.lossless else None,
                    k=args.k, sampling=sampling, temperature=args.temperature, top_k=args.top_k,
@@ -47,6 +50,10 @@ def cmd_generate(args) -> None:
                       "tokens_per_s": round(res.tokens_per_second, 1),
                       **{key: round(v, 4) if isinstance(v, float) else v
                          for key, v in res.extra.items()}}), file=sys.stderr)
+
+
+def model_dtype(model):
+    return next(model.parameters()).dtype
 
 
 def add_parser(sub) -> None:
@@ -70,6 +77,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--frequency-penalty", type=finite,
                     default=default_of(generate, "frequency_penalty"))
     sp.add_argument("--seed", type=natural, default=default_of(generate, "seed"))
+    sp.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                    help="weights and activations while decoding (bench --dtype measures which "
+                    "is faster at each batch size)")
     device_flag(sp)
     sp.add_argument("--json", action="store_true", help="one JSON line per completion")
     sp.set_defaults(run=cmd_generate)

@@ -54,7 +54,8 @@ class NoiseStream:
         lo, hi = zip(*(_seed_words(s) for s in seeds), strict=True) if seeds else ((), ())
         self.seeds = seeds
         self.device = torch.device(device)
-        base = _combine(_mix(torch.tensor(lo, dtype=torch.long)), torch.tensor(hi, dtype=torch.long))
+        lo_t, hi_t = torch.tensor(lo, dtype=torch.long), torch.tensor(hi, dtype=torch.long)
+        base = _combine(_mix(lo_t), hi_t)
         self._base = base.to(self.device)                      # (B,) per-row hash state
 
     @classmethod

@@ -166,7 +166,8 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
             done |= ((z == eos) & keep).any(1)
         gained += int((a + 1)[active].sum())
         row_passes += int(active.sum())
-        if (stop := streamer.push(z, torch.where(active, a + 1, 0))) is not None:
+        stop = streamer.push(z, torch.where(active, a + 1, 0))
+        if stop is not None:
             done |= stop
         # the draft re-reads what was committed, with the teacher's features
         if refeed:
@@ -190,7 +191,8 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         eos)
     extra = {"mode": mode, "k": k, "coupling": sampling.coupling, "windows": windows,
              "tokens_per_pass": gained / row_passes if row_passes else 0.0, "refeed": refeed}
-    return GenerationResult(streamer.cut(rows_out), finished, windows + 1, t1 - t0, t2 - t1, extra=extra)
+    return GenerationResult(streamer.cut(rows_out), finished, windows + 1, t1 - t0, t2 - t1,
+                            extra=extra)
 
 
 # -- measuring a window against the teacher's own chain ------------------------------------------

@@ -123,7 +123,8 @@ def generate_lossless(student, prompts: list[list[int]], max_new_tokens: int, *,
              "tokens_per_pass": run.gained / run.active_rows if run.active_rows else 0.0,
              "accepted_per_pass": run.accepted / run.active_rows if run.active_rows else 0.0,
              "passes_per_token": run.active_rows / run.gained if run.gained else 0.0}
-    return GenerationResult(run.streamer.cut(rows_out), finished, run.passes * (1 if fused else 2), 0.0, t1 - t0,
+    passes = run.passes * (1 if fused else 2)
+    return GenerationResult(run.streamer.cut(rows_out), finished, passes, 0.0, t1 - t0,
                             extra=extra)
 
 

@@ -14,6 +14,13 @@ Every configuration: one short warm-up run (excluded), then up to `repeats` time
 when `max_seconds` is used up; the count is recorded), median reported, EOS ignored so every
 run generates exactly `new_tokens` tokens per row. Output: JSON lines, one object per measured
 configuration, a meta JSON (machine, command, skipped configurations) and two plots.
+
+Every row's `machine` records the 1-minute load average before (`load_avg_1m`) and after the
+configuration, the CPU seconds the process got for its wall seconds, and `busy` with the
+reasons when the machine was shared (kforcing.evaluation.bench_machine); the meta JSON carries
+one loud warning when any row was busy. With `roofline` on, a short calibration of this machine
+in the benchmarked dtype gives each ar / kforcing row its roofline bound and the measured
+fraction of it (kforcing.evaluation.roofline), and the meta JSON the per-method summary.
 """
 
 from __future__ import annotations
@@ -37,12 +44,10 @@ from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.autok import choose_k, machine_info
 from kforcing.decoding.generate import generate
-from kforcing.decoding.kforcing import generate_kforcing
-from kforcing.decoding.lossless import generate_lossless
 from kforcing.errors import KForcingError
-from kforcing.evaluation.bench_machine import Watch, usable_cores
+from kforcing.evaluation.bench_machine import Watch, busy_warning, usable_cores
 from kforcing.evaluation.bench_plot import plot, series_label
-from kforcing.evaluation.roofline import DTYPES, dtype_of
+from kforcing.evaluation.roofline import calibrate, compute_bound_batch, dtype_of, pass_costs
 from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json, load_model
 from kforcing.io.data import TokenFile
 from kforcing.io.hf import to_hf_model
@@ -65,6 +70,7 @@ class BenchConfig:
     seed: int = 0
     cache: str | None = None           # autok cache directory
     dtype: str = "fp32"                # weights and activations of every decoder: fp32 | bf16
+    roofline: bool = True              # calibrate the machine; bound and fraction per row
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -403,10 +409,31 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
                                            cfg.seed)
         rows.append(ROWS[method](b, B, k, prompts_by_b[B]))
     bar.close()
+    roof = add_roofline(rows, student if student is not None else teacher, ks, cfg) \
+        if cfg.roofline else None
     conf = {**asdict(cfg), "data": str(data) if data else None, "params": teacher.num_params(),
             "student": None if student is None else asdict(student.config),
-            "prompts": "validation text" if data else "random tokens"}
+            "prompts": "validation text" if data else "random tokens", "roofline": roof}
     return BenchResult(rows, skipped, b.machine, b.command, conf)
+
+
+def add_roofline(rows: list[BenchRow], model, ks: list[int], cfg: BenchConfig) -> dict:
+    """Calibrate this machine in the benchmarked dtype; each ar / kforcing row's extra gets its
+    bound and the measured fraction of it. Returns the summary for the meta JSON."""
+    cal = calibrate(cfg.dtype)
+    context = cfg.prompt_len + cfg.new_tokens // 2          # the mean context while decoding
+    costs = pass_costs(model, ks, context)
+    by_label = {"ar": costs[0], **{f"kforcing k={c.tokens_per_row}": c for c in costs[1:]}}
+    for r in rows:
+        cost = by_label.get(series_label(r)) if r.method in ("ar", "kforcing") else None
+        if cost is not None:
+            bound = cost.bound_tokens_per_s(r.batch_size, cal)
+            r.extra.update(roofline_bound_tokens_per_s=round(bound, 1),
+                           fraction_of_bound=round(r.tokens_per_s / bound, 3))
+    return {"calibration": asdict(cal), "context": context,
+            "methods": {c.method: {"weight_params": c.weight_params(),
+                                   "compute_bound_from_batch": compute_bound_batch(c, cal)}
+                        for c in costs}}
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -420,7 +447,7 @@ def write_results(result: BenchResult, out: str | Path) -> dict[str, Path]:
     atomic_write_bytes(paths["jsonl"], lines.encode())
     atomic_write_json(paths["meta"], {
         "command": result.command, "machine": result.machine, "config": result.config,
-        "skipped": result.skipped,
+        "skipped": result.skipped, "busy_warning": busy_warning(result.rows),
         "speedup_over_ar": {s: {str(b): round(v, 3) for b, v in d.items()}
                             for s, d in result.speedups().items()}})
     plot(result, paths["tokens_png"], paths["speedup_png"])
