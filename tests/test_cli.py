@@ -483,7 +483,7 @@ def test_recorded_commands_rebuild_the_configs_that_ran(tmp_path, saved_tiny_mod
     cfg = ReproduceConfig(out=str(tmp_path / "run"), scale=0.01, cache=str(tmp_path / "c"),
                           bench_max_seconds=12.5)
     tc = reproduce.train_config(cfg, tmp_path / "draft", "data dir", "tiny", 0.05,
-                                {"max_seq_len": 512, "dropout": 0.0}, 128)
+                                {"max_seq_len": 512, "dropout": 0.0, "tie_embeddings": True}, 128)
     assert cli_train.train_config(_parse(config_command("train", tc))) == tc
 
     st = reproduce.State(tmp_path / "state.json")

@@ -361,6 +361,12 @@ def table() -> list[Case]:
     c += [Case((*reproduce, "--bench-batch-sizes", v)) for v in ("x", "", "0")]
     c += [Case((*reproduce, "--bench-new-tokens-at", v)) for v in ("x", "64=0")]
     c += [Case((*reproduce, "--draft", v)) for v in ("{missing}", "{file}")]
+    # -- serve / bench-serve: refused before a socket is opened or a server is started
+    c += [Case(("serve", "--model", v)) for v in ("{missing}", "{empty_dir}", "{file}",
+                                                  "{model_bad_json}")]
+    c += [Case(("bench-serve",)), Case(("bench-serve", "--model", "{teacher}", "--url",
+                                        "http://127.0.0.1:9")),
+          Case(("bench-serve", "--url", "http://127.0.0.1:9", "--modes", "nope"))]
     return c
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from kforcing.cli.main import main
+from kforcing.decoding import machine
+from kforcing.decoding.machine import Usage
 from kforcing.errors import KForcingError
-from kforcing.evaluation import bench_machine
 from kforcing.evaluation.bench import BenchConfig, read_rows, run_bench, write_results
-from kforcing.evaluation.bench_machine import Usage, busy_warning, parse_cores, pin_cores
+from kforcing.evaluation.bench_machine import busy_warning, parse_cores, pin_cores
 from kforcing.evaluation.roofline import (
     Calibration,
     calibrate,
@@ -140,10 +141,12 @@ def test_bench_rows_carry_load_cpu_and_their_bound(make_model, tmp_path):
                 "busy_reasons", "dtype", "cores_pinned"} <= set(m)
         assert m["cpu_seconds"] > 0 and m["wall_seconds"] > 0 and m["dtype"] == "fp32"
         assert r.extra["fraction_of_bound"] > 0 and r.extra["roofline_bound_tokens_per_s"] > 0
-    roof = res.config["roofline"]
+    roof = res.config["roofline"]["fp32"]
     assert set(roof["methods"]) == {"ar", "kforcing k=2 (teacher-preserving)"}
     meta = json.loads(write_results(res, tmp_path / "out")["meta"].read_text())
-    assert "busy_warning" in meta and meta["config"]["roofline"]["calibration"]["dtype"] == "fp32"
+    assert "busy_warning" in meta
+    assert meta["config"]["roofline"]["fp32"]["calibration"]["dtype"] == "fp32"
+    assert res.roofline_md.startswith("## Roofline") and "kforcing k=2" in res.roofline_md
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -161,7 +164,7 @@ def test_bench_runs_a_feedback_student_in_each_dtype(make_model, tmp_path, dtype
 
 
 def test_bench_cli_dtype_cores_and_busy_warning(capsys, saved_tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_machine, "load_avg_1m", lambda: 99.0)      # a loaded machine
+    monkeypatch.setattr(machine, "load_avg_1m", lambda: 99.0)      # a loaded machine
     core = sorted(os.sched_getaffinity(0))
     try:
         rc = main(["bench", "--model", str(saved_tiny_model), "--batch-sizes", "1",
@@ -177,3 +180,38 @@ def test_bench_cli_dtype_cores_and_busy_warning(capsys, saved_tiny_model, tmp_pa
     assert row["machine"]["load_avg_1m"] == 99.0
     assert "WARNING: the machine was busy" in err and f"pinned to core(s) {core[0]}" in err
     assert json.loads(out.splitlines()[0])["busy"] is True
+
+
+def test_bench_cli_measures_both_dtypes_and_names_the_winner(capsys, saved_tiny_model, tmp_path):
+    rc = main(["bench", "--model", str(saved_tiny_model), "--batch-sizes", "1,2",
+               "--new-tokens", "3", "--prompt-len", "3", "--repeats", "1", "--no-hf",
+               "--dtype", "fp32,bf16", "--out", str(tmp_path), "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rows = read_rows(tmp_path / "bench.jsonl")
+    assert [(r["machine"]["dtype"], r["batch_size"]) for r in rows] == [
+        ("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)]
+    meta = json.loads((tmp_path / "bench_meta.json").read_text())
+    assert set(meta["dtype_winners"]["ar"]) == {"1", "2"}
+    assert meta["dtype_winners"]["ar"]["1"].split()[0] in ("fp32", "bf16")
+    assert set(meta["config"]["roofline"]) == {"fp32", "bf16"}
+    assert set(meta["speedup_over_ar"]) == {"ar", "ar bf16"}
+    md = (tmp_path / "roofline.md").read_text()
+    assert "### fp32" in md and "### bf16" in md and md.count(", measured ") == 4
+    assert '"dtype_winners"' in out
+    with pytest.raises(SystemExit):
+        main(["bench", "--dtype", "fp16"])
+    assert "choose from fp32, bf16" in capsys.readouterr().err
+
+
+def test_generate_cli_decodes_in_bf16(capsys, saved_tiny_model):
+    def run(*flags):
+        rc = main(["generate", "--model", str(saved_tiny_model), "--prompt", "the river",
+                   "--max-new-tokens", "4", "--json", "--seed", "3", *flags])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        return json.loads(out.splitlines()[0])["tokens"]
+
+    assert len(run("--dtype", "bf16")) == 4 and len(run("--dtype", "fp32")) == 4
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(saved_tiny_model), "--dtype", "fp16"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
 
@@ -17,17 +19,29 @@ from kforcing.cli.common import (
     path,
     positive,
 )
+from kforcing.decoding.machine import load_avg_1m
 from kforcing.errors import KForcingError
 from kforcing.evaluation.bench import (
     METHODS,
     BenchConfig,
     load_models,
+    merge_results,
     parse_tokens_at,
     run_bench,
     write_results,
 )
-from kforcing.evaluation.bench_machine import busy_warning, load_avg_1m, parse_cores, pin_cores
+from kforcing.evaluation.bench_machine import busy_warning, parse_cores, pin_cores
+from kforcing.evaluation.bench_report import dtype_winners
 from kforcing.evaluation.roofline import DTYPES
+
+
+def dtypes(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(DTYPES)} (comma-separated), "
+                                         f"got '{text}'")
+    return list(dict.fromkeys(names))
 
 
 def bench_config(args) -> BenchConfig:
@@ -50,7 +64,7 @@ def bench_config(args) -> BenchConfig:
                        new_tokens_at=parse_tokens_at(args.new_tokens_at, "--new-tokens-at")
                        or None, repeats=args.repeats, max_seconds=args.max_seconds, ks=ks,
                        methods=methods, temperature=args.temperature, seed=args.seed,
-                       cache=args.cache, dtype=args.dtype, roofline=not args.no_roofline)
+                       cache=args.cache, roofline=not args.no_roofline)
 
 
 def cmd_bench(args) -> None:
@@ -60,14 +74,19 @@ def cmd_bench(args) -> None:
         pinned = pin_cores(parse_cores(args.cores))
         print(f"pinned to core(s) {','.join(map(str, pinned))}; load average {load_avg_1m()}",
               file=sys.stderr)
-    teacher, student, draft = load_models(args.model, args.student, args.draft)
-    teacher = teacher.to(args.device)
-    student = None if student is None else student.to(args.device)
-    draft = None if draft is None else draft.to(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_bench(teacher, student, draft=draft, cfg=cfg, data=args.data,
-                       progress=not args.quiet)
+    results = []
+    for dtype in args.dtype:   # fresh models per dtype: a bf16 cast does not round-trip
+        teacher, student, draft = load_models(args.model, args.student, args.draft)
+        teacher = teacher.to(args.device)
+        student = None if student is None else student.to(args.device)
+        draft = None if draft is None else draft.to(args.device)
+        results.append(run_bench(teacher, student, draft=draft,
+                                 cfg=dataclasses.replace(cfg, dtype=dtype), data=args.data,
+                                 progress=not args.quiet))
+    result = results[0] if len(results) == 1 else merge_results(
+        results, student if student is not None else teacher)
     result.config.update(model=args.model, student_dir=args.student, draft=args.draft)
     paths = write_results(result, args.out)
     for s in result.skipped:
@@ -82,6 +101,9 @@ def cmd_bench(args) -> None:
                           "busy": r.machine.get("busy"),
                           "fraction_of_bound": r.extra.get("fraction_of_bound")}))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
+    if len(results) > 1:
+        print(json.dumps({"dtype_winners": dtype_winners([dataclasses.asdict(r)
+                                                          for r in result.rows])}))
     warning = busy_warning(result.rows)
     if warning:
         print("\n" + "!" * 78 + f"\n{warning}\n" + "!" * 78, file=sys.stderr)
@@ -117,8 +139,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--seed", type=natural, default=default_of(BenchConfig, "seed"))
     sp.add_argument("--threads", type=count, help="torch threads (default: torch's choice)")
     sp.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peers")
-    sp.add_argument("--dtype", choices=tuple(DTYPES), default=default_of(BenchConfig, "dtype"),
-                    help="weights and activations of every decoder")
+    sp.add_argument("--dtype", type=dtypes, default=[default_of(BenchConfig, "dtype")],
+                    help=f"weights and activations of every decoder: one of {','.join(DTYPES)} "
+                    "or a list (fp32,bf16 measures each and reports which wins per batch size)")
     sp.add_argument("--cores", help="pin the process to these cores (e.g. 0 or 0-3) before "
                     "anything runs; rows record the load average either way")
     sp.add_argument("--no-roofline", action="store_true",

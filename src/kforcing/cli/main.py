@@ -20,13 +20,24 @@ from pathlib import Path
 import torch
 
 from kforcing import __version__
-from kforcing.cli import bench, chat, data, distill, evaluate, generate, hub, recipes, train
+from kforcing.cli import (
+    bench,
+    chat,
+    data,
+    distill,
+    evaluate,
+    generate,
+    hub,
+    recipes,
+    serve,
+    train,
+)
 from kforcing.core.device import check_device
 from kforcing.errors import KForcingError
 from kforcing.io.cache import cache_dir
 
 # one module per command group, each with add_parser(sub); this order is --help's order
-GROUPS = (data, train, distill, generate, chat, evaluate, bench, hub, recipes)
+GROUPS = (data, train, distill, generate, chat, evaluate, bench, serve, hub, recipes)
 
 
 @functools.cache

@@ -4,12 +4,15 @@ A K-Forcing pass reads 2k positions and emits k tokens; an AR step reads one pos
 one token. While the matrix products are memory-bound (small batches) the wider pass is nearly
 free and large k wins; once they are compute-bound (large batches, CPUs) it is not. So for each
 batch size the real decoders (generate_ar, generate_kforcing, generate_feedback) generate a few
-tokens on this machine, `repeats` times per candidate k after a warm-up run, and the k with the
-most generated tokens per second wins. k = 1 means plain AR decoding; it is kept unless some k
-beats it by more than `margin` in the median AND in every repeat (the noise check), so auto
-falls back to AR whenever the timings leave doubt. The choice looks at decode speed only, not at
-how closely the student follows its teacher. Results are cached per machine, architecture,
-dtype and device (docs/AUTOK.md).
+tokens on this machine, `repeats` times per candidate k after a warm-up run (the candidates take
+turns, so a change in load hits them all alike), and the k with the most generated tokens per
+second wins. k = 1 means plain AR decoding; it is kept unless some k beats it by more than
+`margin` in the median AND in every repeat (the noise check), so auto falls back to AR whenever
+the timings leave doubt. It also falls back to AR when the process was preempted during the
+calibration (kforcing.decoding.machine: it got too little CPU time), and a k read from the cache
+of another process is re-timed once against AR in the process it serves before it is used.
+The choice looks at decode speed only, not at how closely the student follows its teacher.
+Results are cached per machine, architecture, dtype and device (docs/AUTOK.md).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.feedback import generate_feedback
 from kforcing.decoding.kforcing import generate_kforcing
+from kforcing.decoding.machine import MIN_CPU_SHARE, Watch
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import atomic_write_json
 from kforcing.io.data import cache_dir
@@ -126,11 +130,11 @@ def measure_tokens_per_s(student, batch_size: int, ks: list[int], context: int =
                             f"k up to {kmax}")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (batch_size, context), generator=g).tolist()
-    out: dict[int, list[float]] = {}
+    out: dict[int, list[float]] = {k: [] for k in ks}
     for k in ks:
         decode_once(student, prompts, k, new_tokens)              # warm-up
-        out[k] = []
-        for _ in range(repeats):
+    for _ in range(repeats):          # round robin: a load change hits every candidate
+        for k in ks:
             res = decode_once(student, prompts, k, new_tokens)
             out[k].append(res.num_tokens / max(res.seconds, 1e-9))
     return out
@@ -217,10 +221,22 @@ def _cached_runs(rec: dict | None, ks: list[int]) -> dict[int, list[float]] | No
     return runs if sorted(runs) == ks else None
 
 
+# (cache file, key, bucket) whose choice was timed in this process: a cached k is re-checked
+# against AR once per process before it is trusted
+_CHECKED: set[tuple[str, str, int]] = set()
+
+
+def _preempted(usage: dict | None) -> bool:
+    return bool(usage) and usage.get("cpu_share", 1.0) < MIN_CPU_SHARE \
+        and usage.get("wall_seconds", 0.0) > 0.05
+
+
 def choose_k(student, batch_size: int, *, cache: str | Path | None = None,
              recalibrate: bool = False, margin: float = MARGIN, context: int = CONTEXT,
              timer: Timer | None = None) -> AutoChoice:
-    """The k for this batch size: from <cache>/autok.json, or calibrated now and saved there."""
+    """The k for this batch size: from <cache>/autok.json, or calibrated now and saved there.
+    AR (k = 1) when the calibration was preempted, and when a cached k does not beat AR again
+    in this process."""
     if not isinstance(student, PushForward | FeedbackStudent):
         raise KForcingError("k='auto' needs a K-Forcing student; a plain AR model decodes "
                             "one token per pass (k = 1)")
@@ -229,13 +245,21 @@ def choose_k(student, batch_size: int, *, cache: str | Path | None = None,
     b = bucket(batch_size)
     entry = _load_cache(path).get(key, {})
     ks = candidate_ks(student.config.max_k)
-    runs = None if recalibrate else _cached_runs(entry.get("batches", {}).get(str(b)), ks)
+    rec = entry.get("batches", {}).get(str(b))
+    runs = None if recalibrate or _preempted((rec or {}).get("usage")) else _cached_runs(rec, ks)
     cached = runs is not None
+    timer = timer or measure_tokens_per_s
+    memo = (str(path), key, b)
+    usage = None
     if runs is None:
-        runs = as_runs((timer or measure_tokens_per_s)(student, b, ks, context))
+        watch = Watch(torch.get_num_threads())
+        runs = as_runs(timer(student, b, ks, context))
+        usage = watch.stop().record()
+        _CHECKED.add(memo)
         rec = {"runs": {str(k): v for k, v in runs.items()},
                "tokens_per_s": {str(k): statistics.median(v) for k, v in runs.items()},
-               "context": context, "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "context": context, "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "usage": usage}
         data = _load_cache(path)          # another process may have added entries meanwhile
         old = data.get(key, {})
         data[key] = {**old, "machine": machine_info(), "architecture": model_fingerprint(student),
@@ -243,6 +267,17 @@ def choose_k(student, batch_size: int, *, cache: str | Path | None = None,
         atomic_write_json(path, data)
     pick = pick_k(runs, margin)
     reason = pick.reason + (" (calibration read from the cache)" if cached else "")
+    if _preempted(usage):
+        pick = Pick(1, f"the process got only {usage['cpu_share']:.2f} CPU seconds per second "
+                       "while calibrating (a busy machine): AR")
+        reason = pick.reason
+    elif cached and pick.k != 1 and memo not in _CHECKED:
+        again = pick_k(as_runs(timer(student, b, [1, pick.k], context)), margin)
+        _CHECKED.add(memo)
+        if again.k == 1:
+            pick = Pick(1, f"the cached k={pick.k} did not beat AR again in this process "
+                           f"({again.reason}): AR")
+            reason = pick.reason
     return AutoChoice(pick.k, reason, batch_size, b,
                       {k: statistics.median(v) for k, v in runs.items()}, runs, cached, key,
                       extra={"cache": str(path), "margin": margin})

@@ -44,13 +44,16 @@ from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.autok import choose_k, machine_info
 from kforcing.decoding.generate import generate
+from kforcing.decoding.machine import Watch
 from kforcing.errors import KForcingError
-from kforcing.evaluation.bench_machine import Watch, busy_warning, usable_cores
+from kforcing.evaluation.bench_machine import busy_warning, usable_cores
 from kforcing.evaluation.bench_plot import plot, series_label
-from kforcing.evaluation.roofline import calibrate, compute_bound_batch, dtype_of, pass_costs
+from kforcing.evaluation.bench_report import add_roofline, dtype_winners, roofline_markdown
+from kforcing.evaluation.roofline import dtype_of
 from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json, load_model
 from kforcing.io.data import TokenFile
 from kforcing.io.hf import to_hf_model
+from kforcing.students.feedback import is_feedback_dir, load_feedback
 from kforcing.students.store import load_student, teacher_of
 
 METHODS = ("ar", "kforcing", "kforcing-auto", "lossless", "hf-generate", "hf-assisted")
@@ -125,15 +128,18 @@ class BenchResult:
     machine: dict
     command: str
     config: dict
+    roofline_md: str | None = None   # the roofline section for docs/RESULTS.md
 
     def speedups(self) -> dict[str, dict[int, float]]:
-        """series label -> {batch size: tokens/s over `ar` at that batch size}."""
-        ar = {r.batch_size: r.tokens_per_s for r in self.rows if r.method == "ar"}
+        """series label -> {batch size: tokens/s over fp32 `ar` at that batch size (the
+        baseline; `ar` of the row's own dtype when fp32 was not measured)}."""
+        ar: dict[tuple[str, int], float] = {(r.machine.get("dtype", "fp32"), r.batch_size):
+                                            r.tokens_per_s for r in self.rows if r.method == "ar"}
         out: dict[str, dict[int, float]] = {}
         for r in self.rows:
-            if r.batch_size in ar:
-                out.setdefault(series_label(r), {})[r.batch_size] = r.tokens_per_s / ar[
-                    r.batch_size]
+            base = ar.get(("fp32", r.batch_size), ar.get((r.machine.get("dtype"), r.batch_size)))
+            if base:
+                out.setdefault(series_label(r), {})[r.batch_size] = r.tokens_per_s / base
         return out
 
 
@@ -409,31 +415,28 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
                                            cfg.seed)
         rows.append(ROWS[method](b, B, k, prompts_by_b[B]))
     bar.close()
-    roof = add_roofline(rows, student if student is not None else teacher, ks, cfg) \
-        if cfg.roofline else None
+    model = student if student is not None else teacher
+    roof = {cfg.dtype: add_roofline(rows, model, ks, cfg)} if cfg.roofline else None
     conf = {**asdict(cfg), "data": str(data) if data else None, "params": teacher.num_params(),
             "student": None if student is None else asdict(student.config),
-            "prompts": "validation text" if data else "random tokens", "roofline": roof}
-    return BenchResult(rows, skipped, b.machine, b.command, conf)
+            "prompts": "validation text" if data else "random tokens", "roofline": roof,
+            "ks": ks}
+    md = roofline_markdown(model, ks, [asdict(r) for r in rows], roof) if roof else None
+    return BenchResult(rows, skipped, b.machine, b.command, conf, md)
 
 
-def add_roofline(rows: list[BenchRow], model, ks: list[int], cfg: BenchConfig) -> dict:
-    """Calibrate this machine in the benchmarked dtype; each ar / kforcing row's extra gets its
-    bound and the measured fraction of it. Returns the summary for the meta JSON."""
-    cal = calibrate(cfg.dtype)
-    context = cfg.prompt_len + cfg.new_tokens // 2          # the mean context while decoding
-    costs = pass_costs(model, ks, context)
-    by_label = {"ar": costs[0], **{f"kforcing k={c.tokens_per_row}": c for c in costs[1:]}}
-    for r in rows:
-        cost = by_label.get(series_label(r)) if r.method in ("ar", "kforcing") else None
-        if cost is not None:
-            bound = cost.bound_tokens_per_s(r.batch_size, cal)
-            r.extra.update(roofline_bound_tokens_per_s=round(bound, 1),
-                           fraction_of_bound=round(r.tokens_per_s / bound, 3))
-    return {"calibration": asdict(cal), "context": context,
-            "methods": {c.method: {"weight_params": c.weight_params(),
-                                   "compute_bound_from_batch": compute_bound_batch(c, cal)}
-                        for c in costs}}
+def merge_results(results: list[BenchResult], model) -> BenchResult:
+    """One result from runs of the same models in different dtypes (`--dtype fp32,bf16`): the
+    rows side by side, one roofline summary per dtype, the section over all of them."""
+    first = results[0]
+    rows = [r for res in results for r in res.rows]
+    roof = {d: s for res in results for d, s in (res.config.get("roofline") or {}).items()}
+    config = {**first.config, "dtype": [res.config["dtype"] for res in results],
+              "roofline": roof or None}
+    md = roofline_markdown(model, first.config["ks"], [asdict(r) for r in rows], roof) \
+        if roof else None
+    return BenchResult(rows, [s for res in results for s in res.skipped], first.machine,
+                       first.command, config, md)
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -442,15 +445,19 @@ def write_results(result: BenchResult, out: str | Path) -> dict[str, Path]:
     """<out>/bench.jsonl, bench_meta.json, bench_tokens_per_s.png, bench_speedup.png."""
     out = Path(out)
     paths = {"jsonl": out / "bench.jsonl", "meta": out / "bench_meta.json",
+             **({"roofline_md": out / "roofline.md"} if result.roofline_md else {}),
              "tokens_png": out / "bench_tokens_per_s.png", "speedup_png": out / "bench_speedup.png"}
     lines = "".join(json.dumps(asdict(r)) + "\n" for r in result.rows)
     atomic_write_bytes(paths["jsonl"], lines.encode())
     atomic_write_json(paths["meta"], {
         "command": result.command, "machine": result.machine, "config": result.config,
         "skipped": result.skipped, "busy_warning": busy_warning(result.rows),
+        "dtype_winners": dtype_winners([asdict(r) for r in result.rows]),
         "speedup_over_ar": {s: {str(b): round(v, 3) for b, v in d.items()}
                             for s, d in result.speedups().items()}})
     plot(result, paths["tokens_png"], paths["speedup_png"])
+    if result.roofline_md:
+        atomic_write_bytes(paths["roofline_md"], result.roofline_md.encode())
     return paths
 
 
@@ -465,8 +472,12 @@ def read_rows(path: str | Path) -> list[dict]:
 
 def load_models(model: str | None, student: str | None, draft: str | None):
     """(teacher, student, draft): the teacher defaults to the one the student was distilled
-    from; with neither, a random `small` model (speed does not depend on the weights)."""
+    from (a token-feedback student's directory works too); with neither, a random `small`
+    model (speed does not depend on the weights)."""
     kf = teach = None
+    if student and is_feedback_dir(student):     # holds its teacher: share it, do not copy
+        kf = load_feedback(student, teacher=load_model(model) if model else None)
+        return kf.teacher, kf, load_model(draft) if draft else None
     if student:
         kf = load_student(student)
         teach = teacher_of(kf, student) if not model else None

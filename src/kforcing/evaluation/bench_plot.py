@@ -10,11 +10,14 @@ def series_label(r) -> str:
     """A row's plot label; r: a BenchRow or its dict."""
     d = r if isinstance(r, dict) else asdict(r)
     m = d["method"]
+    # a non-default dtype is part of the series (fp32 and bf16 rows of one run plot apart)
+    dtype = (d.get("machine") or {}).get("dtype", "fp32")
+    tail = "" if dtype == "fp32" else f" {dtype}"
     if m == "kforcing":
-        return f"kforcing k={d['k']}"
+        return f"kforcing k={d['k']}{tail}"
     if m in ("hf-generate", "hf-assisted"):
-        return f"{m} ({d['sampling']})"
-    return m
+        return f"{m} ({d['sampling']}){tail}"
+    return m + tail
 
 
 def plot(result, tokens_png: Path, speedup_png: Path) -> None:

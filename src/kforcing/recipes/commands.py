@@ -5,6 +5,7 @@ command back with the real parser and compares the configs)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 from typing import Any
 
@@ -35,26 +36,28 @@ def command(name: str, *positional: Any, **flags: Any) -> str:
     return shlex.join(parts)
 
 
-def changed_fields(cfg: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def changed_fields(cfg: Any) -> dict[str, Any]:
     """The fields of a dataclass config that differ from its defaults, as command-line flags
     (nested configs flattened, renamed per FLAG_NAMES); the defaults are the parser's too."""
     out: dict[str, Any] = {}
     default = type(cfg)()
     for f in dataclasses.fields(cfg):
         value, base = getattr(cfg, f.name), getattr(default, f.name)
-        if f.name in skip or value == base:
+        if value == base:
             continue
         if dataclasses.is_dataclass(value):
             out.update(changed_fields(value))
         elif f.name == "model_overrides":
-            out["override"] = [f"{k}={v}" for k, v in value.items()]
+            # `--override key=value` reads the value as JSON when it parses
+            out["override"] = [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                               for k, v in value.items()]
         else:
             out[FLAG_NAMES.get(f.name, f.name)] = value
     return out
 
 
-def config_command(name: str, cfg: Any, *positional: Any, skip: tuple[str, ...] = (),
-                   **extra: Any) -> str:
-    """The `kforcing NAME` command that runs `cfg`: every field that differs from its default
-    as a flag, then `extra` flags (arguments that are not config fields)."""
-    return command(name, *positional, **changed_fields(cfg, skip), **extra)
+def config_command(name: str, cfg: Any, *positional: Any, **extra: Any) -> str:
+    """The `kforcing NAME` command that runs `cfg`: the `extra` flags (arguments that are not
+    config fields, such as the models and data), then every field that differs from its
+    default."""
+    return command(name, *positional, **extra, **changed_fields(cfg))

@@ -1,0 +1,65 @@
+"""What a benchmark adds to its rows and meta beyond tokens/s: the roofline bound of each row,
+the roofline section for docs/RESULTS.md, and which dtype won at each batch size."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from kforcing.evaluation.bench_plot import series_label
+from kforcing.evaluation.roofline import (
+    Calibration,
+    calibrate,
+    compute_bound_batch,
+    pass_costs,
+    roofline_section,
+)
+
+
+def decode_context(cfg) -> int:
+    """The mean context while decoding: the prompt plus half the new tokens."""
+    return cfg.prompt_len + cfg.new_tokens // 2
+
+
+def add_roofline(rows: list, model, ks: list[int], cfg, cal: Calibration | None = None) -> dict:
+    """Calibrate this machine in the benchmarked dtype (cfg.dtype); each ar / kforcing row's
+    extra gets its bound and the measured fraction of it. Returns the summary for the meta."""
+    cal = cal or calibrate(cfg.dtype)
+    costs = pass_costs(model, ks, decode_context(cfg))
+    by_label = {"ar": costs[0], **{f"kforcing k={c.tokens_per_row}": c for c in costs[1:]}}
+    for r in rows:
+        label = series_label({**asdict(r), "machine": {}})
+        cost = by_label.get(label) if r.method in ("ar", "kforcing") else None
+        if cost is not None:
+            bound = cost.bound_tokens_per_s(r.batch_size, cal)
+            r.extra.update(roofline_bound_tokens_per_s=round(bound, 1),
+                           fraction_of_bound=round(r.tokens_per_s / bound, 3))
+    return {"calibration": asdict(cal), "context": decode_context(cfg),
+            "methods": {c.method: {"weight_params": c.weight_params(),
+                                   "compute_bound_from_batch": compute_bound_batch(c, cal)}
+                        for c in costs}}
+
+
+def roofline_markdown(model, ks: list[int], rows: list[dict], roofline: dict) -> str:
+    """The docs/RESULTS.md section from bench rows (dicts) and the per-dtype summaries that
+    add_roofline returned ({dtype: summary})."""
+    cals = [Calibration(**s["calibration"]) for s in roofline.values()]
+    context = next(iter(roofline.values()))["context"]
+    batch_sizes = sorted({r["batch_size"] for r in rows})
+    return roofline_section(model, ks, cals, batch_sizes, rows, context)
+
+
+def dtype_winners(rows: list[dict]) -> dict[str, dict[str, str]]:
+    """{method label: {batch size: the faster dtype and by how much}} where one run measured
+    the same method at the same batch size in more than one dtype."""
+    by: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        label = series_label({**r, "machine": {}})
+        dtype = r.get("machine", {}).get("dtype", "fp32")
+        by.setdefault((label, r["batch_size"]), {})[dtype] = r["tokens_per_s"]
+    out: dict[str, dict[str, str]] = {}
+    for (label, b), rates in sorted(by.items()):
+        if len(rates) > 1:
+            best = max(rates, key=rates.get)
+            slow = min(rates.values())
+            out.setdefault(label, {})[str(b)] = f"{best} ({rates[best] / slow:.2f}x)"
+    return out
