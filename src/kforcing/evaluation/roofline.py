@@ -214,7 +214,7 @@ def roofline_section(model, ks: list[int], calibrations: list[Calibration],
         lines += [f"### {cal.dtype}: {cal.matvec_gb_per_s:.1f} GB/s matrix-vector, "
                   f"{cal.matmul_gflop_per_s:.1f} GFLOP/s matmul ({cal.source})", ""]
         head = " | ".join(f"B={b}" for b in batch_sizes)
-        lines += [f"| method | weights (M) | compute-bound from B | {head} |",
+        lines += [f"| method | weights read per pass (M) | compute-bound from B | {head} |",
                   "|---|---|---|" + "---|" * len(batch_sizes)]
         ar = costs[0]
         for cost in costs:
@@ -231,8 +231,10 @@ def roofline_section(model, ks: list[int], calibrations: list[Calibration],
         lines.append("")
     lines += ["Each cell: the bound on generated tokens/s (its speedup over AR's bound), and "
               "where a benchmark row exists the measured tokens/s as a share of the bound. "
-              "The GPU rows are an estimate from the same model and datasheet peaks, not a "
-              "measurement.", ""]
+              "Compute-bound from B: the first power-of-two batch at which the arithmetic "
+              "outlasts reading the weights and the KV cache ('-': not up to 65536, reading "
+              "the KV cache outgrows the arithmetic). The GPU rows are an estimate from the "
+              "same model and datasheet peaks, not a measurement.", ""]
     return "\n".join(lines)
 
 
