@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +128,10 @@ class BlockLoader:
     whole sequence of batches is a pure function of (seed, epoch, position): saving those two
     integers is enough to resume exactly. A batch that runs past the end of an epoch is
     completed from the start of the next one.
+
+    In a multi-process run every rank walks the same global sequence of batches and `shard`
+    (training.distributed.shard) keeps its own disjoint slice of each, so the state to resume
+    is the same on every rank.
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class BlockLoader:
         batch_size: int,
         seed: int = 0,
         shuffle: bool = True,
+        shard: Callable[[list[int]], list[int]] | None = None,
     ):
         if batch_size < 1:
             raise KForcingError(f"batch_size must be positive, got {batch_size}")
@@ -146,6 +151,7 @@ class BlockLoader:
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.shard = shard
         self.num_blocks = token_file.num_blocks(block_size)
         if self.num_blocks == 0:
             raise KForcingError(
@@ -172,7 +178,8 @@ class BlockLoader:
         b = torch.from_numpy(blocks)
         return b[:, :-1].contiguous(), b[:, 1:].contiguous()
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_indices(self) -> list[int]:
+        """The block indices of the next global batch (every rank's shards together)."""
         indices: list[int] = []
         while len(indices) < self.batch_size:
             take = min(self.batch_size - len(indices), self.num_blocks - self.position)
@@ -180,7 +187,12 @@ class BlockLoader:
             self.position += take
             if self.position == self.num_blocks:
                 self.epoch, self.position = self.epoch + 1, 0
-        return self._collate(indices)
+        return indices
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of this rank's shard of the next global batch: (B / world, block_size) each."""
+        indices = self.next_indices()
+        return self._collate(self.shard(indices) if self.shard else indices)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -9,6 +9,9 @@ and distillation (training/distill.py):
 Resuming takes the newest readable checkpoint (a corrupt one is skipped with a one-line
 message), checks that the config did not change in a field that shapes the run, and rewinds
 the metrics to that step. SIGINT / SIGTERM save a checkpoint before the job exits.
+
+In a multi-process run (training/distributed.py) every rank holds a RunDir, but only rank 0's
+(main=True) writes: the others read the same checkpoints to resume from.
 """
 
 from __future__ import annotations
@@ -80,10 +83,13 @@ class MetricsLog:
     """Append-only JSONL metrics of a run; `rewind(step)` drops what a resumed run will redo,
     so the log of an interrupted and resumed run reads like one uninterrupted run."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, main: bool = True):
         self.path = Path(path)
+        self.main = main
 
     def append(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -101,7 +107,7 @@ class MetricsLog:
         return out
 
     def rewind(self, step: int) -> None:
-        if not self.path.exists():
+        if not self.main or not self.path.exists():
             return
         keep = [r for r in self.records() if r.get("step", 0) <= step and not r.get("final")]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
@@ -110,11 +116,12 @@ class MetricsLog:
 class RunDir:
     """Checkpoints and metrics of one run (see the module docstring)."""
 
-    def __init__(self, root: str | Path, keep: int = 2):
+    def __init__(self, root: str | Path, keep: int = 2, main: bool = True):
         self.root = Path(root)
         self.ckpts = self.root / CHECKPOINTS
         self.keep = keep
-        self.metrics = MetricsLog(self.root / METRICS)
+        self.main = main    # False on ranks > 0 of a multi-process run: they never write
+        self.metrics = MetricsLog(self.root / METRICS, main)
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, newest first (the one latest.json names leads its step)."""
@@ -137,6 +144,8 @@ class RunDir:
     def start(self, resume: bool) -> None:
         """Before the first step: the directory is writable, and a fresh run does not overwrite
         another (a directory left by a run killed before its first checkpoint is reset)."""
+        if not self.main:
+            return
         if resume:
             if not self.root.is_dir() or not any(self.root.iterdir()):
                 raise KForcingError(f"nothing to resume in {self.root}")
@@ -164,12 +173,16 @@ class RunDir:
             return d, data
         if skipped:
             raise KForcingError(f"no readable checkpoint in {self.ckpts}: {'; '.join(skipped)}")
-        print(f"kforcing: note: no checkpoint in {self.root} yet; starting from step 0",
-              file=sys.stderr)
-        self.metrics.path.unlink(missing_ok=True)
+        if self.main:
+            print(f"kforcing: note: no checkpoint in {self.root} yet; starting from step 0",
+                  file=sys.stderr)
+            self.metrics.path.unlink(missing_ok=True)
         return None
 
     def publish(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Rank 0 writes the checkpoint; other ranks only get the path it will have."""
+        if not self.main:
+            return self.ckpts / f"step-{step:07d}"
         return publish_checkpoint(self.root, step, write, keep=self.keep)
 
 
@@ -258,7 +271,8 @@ def stop_signals() -> Iterator[StopSignal]:
 
 
 def interrupted(stop: StopSignal, step: int, out: Path) -> KeyboardInterrupt:
-    print(f"kforcing: {stop.name} at step {step}: checkpoint saved in {out}", file=sys.stderr)
+    name = stop.name or "a stop signal to another rank"
+    print(f"kforcing: {name} at step {step}: checkpoint saved in {out}", file=sys.stderr)
     return KeyboardInterrupt()
 
 

@@ -2,7 +2,8 @@
 periodic validation, tqdm, JSONL metrics, atomic resumable checkpoints.
 
 Resuming restores model, optimizer, RNG and data-loader state, so on a CPU a resumed run
-reproduces the uninterrupted run's losses exactly.
+reproduces the uninterrupted run's losses exactly. Under torchrun it trains data-parallel
+(training/distributed.py, docs/DISTRIBUTED.md): each rank reads its shard of every global batch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kforcing.io.checkpoint import (
 )
 from kforcing.io.tokenizers import eos_id, load_tokenizer
 from kforcing.io.tokens import BlockLoader, TokenFile
+from kforcing.training import distributed
 from kforcing.training.rundir import (  # noqa: F401  (optimizer_tensors: re-export for callers)
     TRAINER_JSON,
     TRAINER_TENSORS,
@@ -114,15 +116,21 @@ class Trainer:
         if cfg.block_size > self.model_cfg.max_seq_len:
             raise KForcingError(f"block_size {cfg.block_size} exceeds the model context "
                                 f"{self.model_cfg.max_seq_len}")
-        self.run = RunDir(self.out, keep=cfg.keep_checkpoints)
+        self.ctx, self.device = distributed.setup(cfg.device)
+        if self.ctx.world > 1:
+            distributed.shard(range(cfg.batch_size))      # the global batch splits evenly
+        self.run = RunDir(self.out, keep=cfg.keep_checkpoints, main=self.ctx.main)
         self.run.start(resume)
+        distributed.barrier()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.model = Transformer(self.model_cfg).to(cfg.device)
+        self.model = Transformer(self.model_cfg).to(self.device)
+        self.ddp = distributed.wrap(self.model, self.device)   # the model itself on one rank
         self.opt = make_optimizer(self.model, cfg)
         self.loader = BlockLoader(self.train_tokens, block_size=cfg.block_size,
-                                  batch_size=cfg.batch_size, seed=cfg.seed)
+                                  batch_size=cfg.batch_size, seed=cfg.seed,
+                                  shard=distributed.shard if self.ctx.world > 1 else None)
         self.step = 0
         self.elapsed = 0.0    # training seconds accumulated over all sessions of this run
         self.metrics = self.run.metrics
@@ -131,17 +139,21 @@ class Trainer:
 
     # checkpoints ----------------------------------------------------------------------------
     def _write_checkpoint(self, d: Path) -> None:
-        extra = {"train": asdict(self.cfg), "step": self.step}
+        extra = {"train": asdict(self.cfg), "step": self.step, "world_size": self.ctx.world}
         save_model(self.model, d, tokenizer=self.tokenizer_file, extra=extra)
         tensors, opt_meta = optimizer_tensors(self.opt)
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update({distributed.rng_key(r): s for r, s in enumerate(self._rng)})
         atomic_save_tensors(d / TRAINER_TENSORS, tensors)
         atomic_write_json(d / TRAINER_JSON, {"step": self.step, "elapsed": self.elapsed,
                                              "loader": self.loader.state_dict(),
                                              "optimizer": opt_meta})
 
     def save(self) -> Path:
-        return self.run.publish(self.step, self._write_checkpoint)
+        """Every rank calls it (for its RNG state); rank 0 writes, the others wait for it."""
+        self._rng = distributed.gather_rng()
+        path = self.run.publish(self.step, self._write_checkpoint)
+        distributed.barrier()
+        return path
 
     @staticmethod
     def _read(d: Path) -> dict:
@@ -166,7 +178,11 @@ class Trainer:
         check_same_config(saved, now, RESUMABLE)
         load_state(self.model, ckpt["weights"], d / MODEL_FILE)
         load_optimizer_tensors(self.opt, ckpt["tensors"], ckpt["state"]["optimizer"])
-        torch.set_rng_state(ckpt["tensors"]["rng.torch"])
+        rng = distributed.rng_key(self.ctx.rank)
+        if rng not in ckpt["tensors"]:
+            raise KForcingError(f"cannot resume: checkpoint {d} was written by fewer than "
+                                f"{self.ctx.world} processes (no {rng}); resume with as many")
+        torch.set_rng_state(ckpt["tensors"][rng])
         self.loader.load_state_dict(ckpt["state"]["loader"])
         self.step, self.elapsed = ckpt["state"]["step"], ckpt["state"]["elapsed"]
         self.metrics.rewind(self.step)
@@ -184,27 +200,31 @@ class Trainer:
         lr = lr_at(self.step, cfg, self.time_fraction())
         for group in self.opt.param_groups:
             group["lr"] = lr
-        autocast = (torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)
+        autocast = (torch.autocast(device_type=torch.device(self.device).type,
+                                   dtype=torch.bfloat16)
                     if cfg.bf16 else contextlib.nullcontext())
         total = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = self.loader.next_batch()
-            x, y = x.to(cfg.device), y.to(cfg.device)
-            with autocast:
-                logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            (loss / cfg.grad_accum).backward()
+        for micro in range(cfg.grad_accum):
+            x, y = self.loader.next_batch()            # this rank's shard: (B / world, T)
+            x, y = x.to(self.device), y.to(self.device)
+            # DDP averages gradients over ranks on the last micro-batch only
+            with distributed.no_sync(self.ddp, sync=micro == cfg.grad_accum - 1):
+                with autocast:
+                    logits = self.ddp(x)
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                         y.flatten())
+                (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return total
+        return distributed.mean(total)
 
     def validate(self) -> float:
         return evaluate_loss(self.model, self.val_tokens, self.cfg.block_size,
-                             self.cfg.batch_size, self.cfg.eval_batches, self.cfg.device)
+                             self.cfg.batch_size, self.cfg.eval_batches, self.device)
 
     def fit(self, stop_after: int | None = None) -> dict:
         """Train to max_steps (or time budget, or `stop_after` more steps); returns last metrics.
@@ -216,7 +236,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
         last: dict = {}
         bar = Progress("train", max_steps=target, budget_min=cfg.time_budget_min, step=self.step,
-                       minutes=self.elapsed / 60, enabled=self.progress)
+                       minutes=self.elapsed / 60, enabled=self.progress and self.ctx.main)
         with stop_signals() as stop:
             t_last = time.perf_counter()
             while self.step < target:
@@ -225,7 +245,8 @@ class Trainer:
                 loss = self.train_step()
                 lr = self.opt.param_groups[0]["lr"]
                 now = time.perf_counter()
-                self.elapsed += now - t_last
+                # the slowest rank's clock, so every rank stops at the same step
+                self.elapsed = distributed.maximum(self.elapsed + now - t_last)
                 t_last = now
                 last = {"step": self.step, "loss": loss, "lr": lr,
                         "elapsed_s": round(self.elapsed, 3),
@@ -238,10 +259,11 @@ class Trainer:
                 self.log(last)
                 bar.update(self.step, self.elapsed / 60, loss=f"{loss:.3f}",
                            **({"val_ppl": f"{last['val_ppl']:.1f}"} if "val_ppl" in last else {}))
-                if self.step % cfg.ckpt_every == 0 or stop:
+                stopping = distributed.maximum(float(bool(stop))) > 0   # one rank's signal
+                if self.step % cfg.ckpt_every == 0 or stopping:
                     self.save()
                     t_last = time.perf_counter()
-                if stop:
+                if stopping:
                     bar.close()
                     raise interrupted(stop, self.step, self.out)
             bar.close()
