@@ -3,6 +3,8 @@ learning curves)."""
 
 from __future__ import annotations
 
+import sys
+
 from kforcing.cli.common import (
     config_flags,
     config_values,
@@ -19,7 +21,9 @@ from kforcing.core.config import from_dict
 from kforcing.core.sampling import CDF_ORDERS
 from kforcing.evaluation.curves import plot_curves, summarize
 from kforcing.students.pushforward import HEADS, LAYOUTS, StudentConfig
+from kforcing.training import distributed
 from kforcing.training.distill import TARGETS, DistillConfig, distill, stage_student_config
+from kforcing.training.distributed import launch, without_nproc
 
 STUDENT_FLAGS = ("max_k", "layout", "head", "cdf_order")
 
@@ -37,7 +41,12 @@ def distill_config(args) -> DistillConfig:
 
 
 def cmd_distill(args) -> None:
-    print_json(distill(distill_config(args), resume=args.resume, progress=not args.quiet))
+    if args.nproc:
+        raise SystemExit(launch(args.nproc, without_nproc(sys.argv[1:])))
+    with distributed.guard():
+        result = distill(distill_config(args), resume=args.resume, progress=not args.quiet)
+    if distributed.env_context().main:
+        print_json(result)
 
 
 def cmd_curves(args) -> None:
@@ -76,6 +85,8 @@ def add_parser(sub) -> None:
                     default=None, help="recompute activations in backward (less memory)")
     device_flag(sp, default=None)
     sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    sp.add_argument("--nproc", type=count, help="data-parallel processes: re-run this command "
+                    "under torchrun with N processes (docs/DISTRIBUTED.md)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(run=cmd_distill)
 

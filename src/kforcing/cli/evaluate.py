@@ -31,8 +31,10 @@ from kforcing.io.checkpoint import atomic_write_json, load_model, resolve_model_
 from kforcing.io.tokenizers import load_tokenizer
 from kforcing.io.tokens import TokenFile
 from kforcing.recipes.eval_report import eval_markdown
+from kforcing.students.feedback import FeedbackStudent
 from kforcing.students.pushforward import check_k
 from kforcing.students.store import load_student, student_info, teacher_dir_of, teacher_of
+from kforcing.training.feedback import eval_contexts, evaluate_feedback
 from kforcing.training.teacher import evaluate_loss
 
 
@@ -124,6 +126,14 @@ def cmd_match(args) -> None:
     taus = temperatures(args.taus, "--taus")
     # the reference is the teacher itself: in the shared layout the student's context model is
     # its own fine-tuned backbone, not the teacher
+    if isinstance(student, FeedbackStudent):
+        # the token-feedback student: its window against the teacher's own chain under the
+        # student's coupling (y_1 sampled), on held-out contexts of --block-size tokens
+        contexts = eval_contexts(split, args.windows, args.block_size, seed=args.seed)
+        print_json({"student": args.student, "k": k, "split": args.split, "head": "feedback",
+                    "coupling": student.config.coupling,
+                    **evaluate_feedback(student, contexts, k=k, taus=taus, seed=args.seed)})
+        return
     teacher = teacher_of(student, args.student)
     mset = build_match_set(teacher, split, k=k, block_size=args.block_size,
                            n_windows=args.windows, taus=taus, order=student.config.cdf_order,

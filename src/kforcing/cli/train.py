@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from kforcing.cli.common import (
     config_flags,
     config_values,
@@ -17,6 +19,8 @@ from kforcing.cli.common import (
     print_json,
 )
 from kforcing.core.config import TrainConfig, from_dict
+from kforcing.training import distributed
+from kforcing.training.distributed import launch, without_nproc
 from kforcing.training.teacher import train
 
 
@@ -30,7 +34,12 @@ def train_config(args) -> TrainConfig:
 
 
 def cmd_train(args) -> None:
-    print_json(train(train_config(args), resume=args.resume, progress=not args.quiet))
+    if args.nproc:
+        raise SystemExit(launch(args.nproc, without_nproc(sys.argv[1:])))
+    with distributed.guard():
+        result = train(train_config(args), resume=args.resume, progress=not args.quiet)
+    if distributed.env_context().main:
+        print_json(result)
 
 
 def add_parser(sub) -> None:
@@ -50,5 +59,7 @@ def add_parser(sub) -> None:
     sp.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
     device_flag(sp, default=None)
     sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    sp.add_argument("--nproc", type=count, help="data-parallel processes: re-run this command "
+                    "under torchrun with N processes (docs/DISTRIBUTED.md)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(run=cmd_train)

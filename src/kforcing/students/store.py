@@ -35,6 +35,13 @@ from kforcing.io.checkpoint import (
     model_state,
     resolve_model_dir,
 )
+from kforcing.students.feedback import (
+    FEEDBACK_JSON,
+    FeedbackConfig,
+    FeedbackStudent,
+    load_feedback,
+    resolve_feedback_dir,
+)
 from kforcing.students.pushforward import PushForward, StudentConfig
 
 STUDENT_FILE, STUDENT_JSON = "student.safetensors", "student.json"
@@ -47,8 +54,9 @@ class StudentInfo:
     """What a student directory says about itself, without loading any weights."""
 
     dir: Path                     # the directory holding the student's files
-    layout: str                   # "checkpoint" (student.json) or "shareable" (config.json)
-    config: StudentConfig
+    layout: str                   # "checkpoint" (student.json), "shareable" (config.json) or
+                                  # "feedback" (feedback.json: the token-feedback student)
+    config: StudentConfig | FeedbackConfig
     k: int | None                 # the window it was trained at, when recorded
     teacher_dir: Path | None      # its teacher's model directory, when recorded
 
@@ -71,9 +79,14 @@ def resolve_student_dir(path: str | Path) -> Path:
     d = Path(path)
     if not d.exists():
         raise KForcingError(f"checkpoint not found: {path}")
-    if (d / STUDENT_JSON).is_file() or shared_kind(d) == "student":
+    if (d / STUDENT_JSON).is_file() or (d / FEEDBACK_JSON).is_file() or \
+            shared_kind(d) == "student":
         return d
     if (d / "checkpoints" / "latest.json").is_file():
+        try:
+            return resolve_feedback_dir(d)
+        except KForcingError:
+            pass
         d = resolve_model_dir(d)
         if (d / STUDENT_JSON).is_file():
             return d
@@ -94,6 +107,13 @@ def is_student_dir(path: str | Path) -> bool:
 
 def student_info(path: str | Path) -> StudentInfo:
     d = resolve_student_dir(path)
+    if (d / FEEDBACK_JSON).is_file():
+        meta = load_json(d / FEEDBACK_JSON)
+        if not isinstance(meta, dict) or "feedback" not in meta:
+            raise KForcingError(f"corrupt {d / FEEDBACK_JSON}: expected a 'feedback' section")
+        cfg = from_dict(FeedbackConfig, meta["feedback"])
+        teacher = Path(meta["teacher"]) if meta.get("teacher") else None
+        return StudentInfo(d, "feedback", cfg, cfg.max_k, teacher)
     if (d / STUDENT_JSON).is_file():
         meta = load_json(d / STUDENT_JSON)
         return StudentInfo(d, "checkpoint", _student_config(meta, d / STUDENT_JSON),
@@ -152,9 +172,12 @@ def save_student(student: PushForward, out: str | Path, teacher_dir: str | Path,
         atomic_write_bytes(out / TOKENIZER_FILE, tok.read_bytes())
 
 
-def load_student(path: str | Path, device: str | torch.device = "cpu") -> PushForward:
-    """A student from either layout (see the module docstring), in eval mode on device."""
+def load_student(path: str | Path, device: str | torch.device = "cpu"
+                 ) -> PushForward | FeedbackStudent:
+    """A student from any of its formats (see the module docstring), in eval mode on device."""
     d = resolve_student_dir(path)
+    if (d / FEEDBACK_JSON).is_file():
+        return load_feedback(d, device=device)
     if (d / STUDENT_JSON).is_file():
         meta = load_json(d / STUDENT_JSON)
         if not meta.get("teacher"):

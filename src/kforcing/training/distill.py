@@ -8,7 +8,8 @@ in one pass the k tokens the reference map produces from the same uniforms:
 - `noise-inversion`: real data tokens, with u drawn inside each data token's CDF interval under
   the teacher (one teacher pass gives targets for any k).
 Each stage logs JSONL metrics and a validation learning curve (match rates vs wall-clock minutes)
-and writes atomic, resumable checkpoints.
+and writes atomic, resumable checkpoints. Under torchrun it trains data-parallel
+(training/distributed.py, docs/DISTRIBUTED.md): each rank makes the targets of its own shard.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from kforcing.students.targets import (  # noqa: F401  (moved; re-export for cal
     teacher_conditionals,
     tempered_probs,
 )
+from kforcing.training import distributed
 from kforcing.training.rundir import (
     TRAINER_JSON,
     TRAINER_TENSORS,
@@ -191,7 +193,10 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, *, resume: bool = False, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out_dir)
-        self.run = RunDir(self.out)
+        self.ctx, self.device = distributed.setup(cfg.device)
+        if self.ctx.world > 1:
+            distributed.shard(range(cfg.batch_size))      # the global batch splits evenly
+        self.run = RunDir(self.out, main=self.ctx.main)
         # pre-flight: everything knowable before the first step is checked here
         if not cfg.data and not cfg.data_free:
             raise KForcingError("no --data given: prepare a corpus with the teacher's tokenizer "
@@ -199,14 +204,14 @@ class Distiller:
         if cfg.data:
             check_corpus(Path(cfg.data), cfg.block_size)
         self.teacher_dir = resolve_model_dir(cfg.teacher)
-        self.teacher = load_model(self.teacher_dir, device=cfg.device).requires_grad_(False)
+        self.teacher = load_model(self.teacher_dir, device=self.device).requires_grad_(False)
         context = self.teacher.config.max_seq_len
         if cfg.block_size + cfg.k > context:
             raise KForcingError(f"block_size {cfg.block_size} + k {cfg.k} exceeds the teacher's "
                                 f"context {context}: use --block-size {context - cfg.k} or less")
         torch.manual_seed(cfg.seed)
         if cfg.init:
-            self.prev = load_student(cfg.init, device=cfg.device).requires_grad_(False)
+            self.prev = load_student(cfg.init, device=self.device).requires_grad_(False)
             _check_inherited(self.prev.config, {k: getattr(cfg.student, k) for k in INHERITED},
                              cfg.init)
             # the new stage starts from a trainable copy of the frozen previous stage
@@ -219,11 +224,11 @@ class Distiller:
             self.student.noise.cfg = cfg.student
         else:
             self.prev = None
-            self.student = PushForward(self.teacher, cfg.student).to(cfg.device)
+            self.student = PushForward(self.teacher, cfg.student).to(self.device)
             if self._exact_k1() and cfg.k == 2 and cfg.target == "self-forcing":
                 # teacher-preserving + inverse-cdf at k=1 *is* the teacher's sampler: the
                 # untrained student is an exact stage-1 model
-                self.prev = PushForward(self.teacher, cfg.student).to(cfg.device).eval()
+                self.prev = PushForward(self.teacher, cfg.student).to(self.device).eval()
         if self.prev is None and cfg.k > 1 and cfg.target == "self-forcing":
             raise KForcingError(f"self-forcing stage k={cfg.k} needs --init (the stage-"
                                 f"{cfg.k // 2} student)")
@@ -236,10 +241,15 @@ class Distiller:
         self.student.train()
         noise_params = list(self.student.noise.parameters())
         backbone = [p for p in self.student.backbone.parameters() if p.requires_grad]
+        self.ddp = distributed.wrap(distributed.Method(self.student, "staircase_forward"),
+                                    self.device)
         self.opt = torch.optim.AdamW(
             [{"params": backbone, "lr": cfg.lr}, {"params": noise_params, "lr": cfg.noise_lr}],
             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-        data = Path(cfg.data) if cfg.data else self._teacher_samples()
+        for writer in (True, False):    # rank 0 makes the data-free cache, the others read it
+            if self.ctx.main == writer:
+                data = Path(cfg.data) if cfg.data else self._teacher_samples()
+            distributed.barrier()
         train_tokens, val_tokens = check_corpus(data, cfg.block_size)
         vocab = self.teacher.config.vocab_size
         if (train_tokens.vocab_size or 0) > vocab:
@@ -249,13 +259,15 @@ class Distiller:
         if (self.teacher_dir / TOKENIZER_FILE).is_file():   # copied into every checkpoint
             load_tokenizer(self.teacher_dir / TOKENIZER_FILE)
         self.loader = BlockLoader(train_tokens, block_size=cfg.block_size,
-                                  batch_size=cfg.batch_size, seed=cfg.seed)
+                                  batch_size=cfg.batch_size, seed=cfg.seed,
+                                  shard=distributed.shard if self.ctx.world > 1 else None)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.val = self._validation_set(val_tokens)
         self.step, self.elapsed = 0, 0.0
         self.last_eval = -math.inf     # training minutes at the last validation
         self.metrics = self.run.metrics
         self.run.start(resume)      # the last check: nothing is written before it
+        distributed.barrier()
         if resume:
             self._resume()
 
@@ -272,19 +284,27 @@ class Distiller:
     def _prev_k(self) -> int:
         return 0 if self.cfg.init is None else student_info(self.cfg.init).k or 0
 
-    # targets for one batch
+    # targets for one batch (this rank's shard x of it)
     def _batch(self, x: torch.Tensor, gen: torch.Generator, M: int):
         cfg = self.cfg
         B, N = x.shape
         k, order = cfg.k, cfg.student.cdf_order
+        # every rank draws the global batch's randomness and keeps its own rows, so gen stays in
+        # step across ranks and N ranks see what one process would
+        rows = distributed.shard(range(B * self.ctx.world), self.ctx)
         anchors = torch.randperm(N - (k if cfg.target == "noise-inversion" else 0),
                                  generator=gen)[:M].sort().values.to(x.device)
         lo, hi = self.tau_range()
-        tau = (lo + (hi - lo) * torch.rand(B, generator=gen, dtype=torch.float64)).to(x.device)
+        tau = (lo + (hi - lo) * torch.rand(B * self.ctx.world, generator=gen,
+                                           dtype=torch.float64))[rows].to(x.device)
         if cfg.target == "noise-inversion":
+            if self.ctx.world > 1:   # drawn inside invert_noise: a per-step, per-rank stream
+                seed = int(torch.randint(2**62, (1,), generator=gen)) + self.ctx.rank
+                gen = torch.Generator().manual_seed(seed)
             u, y = invert_noise(self.teacher, x, tau, anchors, k, order, gen)
             return anchors, u, tau, y
-        u = torch.rand(B, M, k, generator=gen, dtype=torch.float64).to(x.device)
+        u = torch.rand(B * self.ctx.world, M, k, generator=gen,
+                       dtype=torch.float64)[rows].to(x.device)
         if cfg.target == "ar-rollout" or self.prev is None:
             y = ar_rollout(self.teacher, x, u, tau, anchors, order)
         else:
@@ -308,7 +328,7 @@ class Distiller:
         return min(cfg.tau_min, hi), hi
 
     def loss(self, x, anchors, u, tau, y) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.student.staircase_forward(x, u, tau, anchors)
+        out = self.ddp(x, u, tau, anchors)     # student.staircase_forward, under DDP
         k = self.cfg.k
         w = torch.tensor(self.cfg.pos_weights or [1.0] * k, device=x.device)
         if self.cfg.student.head == "inverse-cdf":
@@ -330,7 +350,7 @@ class Distiller:
         cfg = self.cfg
         return build_match_set(self.teacher, tokens, k=cfg.k, block_size=cfg.block_size,
                                n_windows=cfg.eval_contexts, taus=[1.0, 0.7, cfg.tau_min],
-                               order=cfg.student.cdf_order, seed=cfg.seed, device=cfg.device)
+                               order=cfg.student.cdf_order, seed=cfg.seed, device=self.device)
 
     def validate(self) -> dict:
         return match_rates(self.student, self.val)
@@ -340,7 +360,7 @@ class Distiller:
         save_student(self.student, d, self.teacher_dir,
                      extra={"k": self.cfg.k, "distill": asdict(self.cfg), "step": self.step})
         tensors, meta = optimizer_tensors(self.opt)
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update({distributed.rng_key(r): s for r, s in enumerate(self._rng)})
         tensors["rng.batch"] = self.gen.get_state()
         atomic_save_tensors(d / TRAINER_TENSORS, tensors)
         atomic_write_json(d / TRAINER_JSON, {"step": self.step, "elapsed": self.elapsed,
@@ -350,7 +370,11 @@ class Distiller:
                                              "optimizer": meta})
 
     def save(self) -> Path:
-        return self.run.publish(self.step, self._write)
+        """Every rank calls it (for its RNG state); rank 0 writes, the others wait for it."""
+        self._rng = distributed.gather_rng()
+        path = self.run.publish(self.step, self._write)
+        distributed.barrier()
+        return path
 
     @staticmethod
     def _read(d: Path) -> dict[str, Any]:
@@ -373,7 +397,11 @@ class Distiller:
                           RESUMABLE)
         load_state(self.student, ckpt["weights"], d / STUDENT_FILE)
         load_optimizer_tensors(self.opt, ckpt["tensors"], ckpt["state"]["optimizer"])
-        torch.set_rng_state(ckpt["tensors"]["rng.torch"])
+        rng = distributed.rng_key(self.ctx.rank)
+        if rng not in ckpt["tensors"]:
+            raise KForcingError(f"cannot resume: checkpoint {d} was written by fewer than "
+                                f"{self.ctx.world} processes (no {rng}); resume with as many")
+        torch.set_rng_state(ckpt["tensors"][rng])
         self.gen.set_state(ckpt["tensors"]["rng.batch"])
         self.loader.load_state_dict(ckpt["state"]["loader"])
         self.step, self.elapsed = ckpt["state"]["step"], ckpt["state"]["elapsed"]
@@ -387,7 +415,7 @@ class Distiller:
     def train_step(self) -> dict:
         cfg = self.cfg
         x, _ = self.loader.next_batch()
-        x = x.to(cfg.device)
+        x = x.to(self.device)                       # this rank's shard: (B / world, N)
         anchors, u, tau, y = self._batch(x, self.gen, cfg.windows)
         scale = min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
         for g, base in zip(self.opt.param_groups, (cfg.lr, cfg.noise_lr), strict=True):
@@ -399,14 +427,17 @@ class Distiller:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss.item(), "match": [round(float(m), 4) for m in match]}
+        match = distributed.mean_tensor(match)
+        return {"loss": distributed.mean(loss.item()),
+                "match": [round(float(m), 4) for m in match]}
 
     def fit(self, stop_after: int | None = None) -> dict:
         cfg = self.cfg
         budget = cfg.time_budget_min * 60 if cfg.time_budget_min else None
         target = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         bar = Progress(f"distill k={cfg.k}", max_steps=target, budget_min=cfg.time_budget_min,
-                       step=self.step, minutes=self.elapsed / 60, enabled=self.progress)
+                       step=self.step, minutes=self.elapsed / 60,
+                       enabled=self.progress and self.ctx.main)
         with stop_signals() as stop:
             if self.step == 0:
                 self.log({"step": 0, "minutes": 0.0, "val": self.validate()})
@@ -415,7 +446,8 @@ class Distiller:
             while self.step < target and (budget is None or self.elapsed < budget):
                 rec = self.train_step()
                 now = time.perf_counter()
-                self.elapsed += now - t_last
+                # the slowest rank's clock, so every rank validates and stops at the same step
+                self.elapsed = distributed.maximum(self.elapsed + now - t_last)
                 t_last = now
                 rec = {"step": self.step, "minutes": round(self.elapsed / 60, 3), **rec}
                 if self.elapsed / 60 - self.last_eval >= cfg.eval_every_min:
@@ -425,10 +457,11 @@ class Distiller:
                 self.log(rec)
                 bar.update(self.step, self.elapsed / 60, loss=f"{rec['loss']:.3f}",
                            m1=f"{rec['match'][0]:.2f}")
-                if self.step % cfg.ckpt_every == 0 or stop:
+                stopping = distributed.maximum(float(bool(stop))) > 0   # one rank's signal
+                if self.step % cfg.ckpt_every == 0 or stopping:
                     self.save()
                     t_last = time.perf_counter()
-                if stop:
+                if stopping:
                     bar.close()
                     raise interrupted(stop, self.step, self.out)
             bar.close()

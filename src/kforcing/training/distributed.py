@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kforcing.errors import KForcingError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+AGENT_LOG = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d")   # torchrun's own log lines
 TIMEOUT = datetime.timedelta(minutes=30)   # a collective waits this long for a rank
 
 
@@ -102,6 +104,18 @@ def shard(batch_indices: Sequence[int], ctx: Context | None = None) -> list[int]
                             f"use a multiple of {ctx.world}")
     per = n // ctx.world
     return list(batch_indices[ctx.rank * per : (ctx.rank + 1) * per])
+
+
+class Method(torch.nn.Module):
+    """A module whose forward is another module's method (DDP hooks forward only): the
+    distiller trains through PushForward.staircase_forward."""
+
+    def __init__(self, module: torch.nn.Module, name: str):
+        super().__init__()
+        self.module, self.name = module, name
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.module, self.name)(*args, **kwargs)
 
 
 def wrap(model: torch.nn.Module, device: str) -> torch.nn.Module:
@@ -180,10 +194,34 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def rank_prefix() -> str:
-    """'(rank r of n) ' inside a multi-process job, for one-line error messages."""
-    ctx = env_context() if "WORLD_SIZE" in os.environ else Context()
-    return f"(rank {ctx.rank} of {ctx.world}) " if ctx.world > 1 else ""
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Around a whole train / distill command. Inside a multi-process job: a user error names
+    its rank; a rank whose collective broke because another rank died exits 1 without a
+    message of its own (the failing rank printed the one that matters, and torchrun stops the
+    rest); a run that ends well leaves the process group cleanly."""
+    ctx = env_context()
+    try:
+        yield
+    except KForcingError as e:
+        if ctx.world > 1:
+            raise KForcingError(f"(rank {ctx.rank} of {ctx.world}) {e}") from None
+        raise
+    except (dist.DistError, RuntimeError) as e:
+        if ctx.world > 1 and _peer_failure(e):
+            # a broken process group cannot be torn down cleanly (gloo aborts the process)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
+    teardown()
+
+
+def _peer_failure(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo",
+                            "NCCL", "Broken pipe"))
 
 
 def torchrun_command(nproc: int, argv: Sequence[str],
@@ -206,14 +244,29 @@ def launch(nproc: int, argv: Sequence[str], program: Sequence[str] = ("-m", "kfo
                           text=True)
     report = False
     for line in proc.stderr.splitlines():
-        # torchrun's own failure report starts with a traceback of its agent or a banner
-        if not line.startswith("kforcing:") and ("torch.distributed" in line or
-                                                   line.startswith("Traceback") or
-                                                   line.startswith("=====")):
+        # torchrun's own failure report: its agent's log lines (W1130 12:00:00 ...), then a
+        # traceback of the agent and a banner
+        if line.startswith("kforcing:"):
+            print(line, file=sys.stderr)
+            continue
+        if line.startswith(("Traceback", "=====")) or "torch.distributed" in line:
             report = True
-        if not report or line.startswith("kforcing:"):
+        if not report and not AGENT_LOG.match(line):
             print(line, file=sys.stderr)
     if proc.returncode:
         print(f"kforcing: error: the {nproc}-process run failed (exit {proc.returncode})",
               file=sys.stderr)
     return proc.returncode
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """argv without its --nproc N / --nproc=N (the command torchrun re-runs on each rank)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out

@@ -1,0 +1,49 @@
+"""The token-feedback student through the one student loader and the command line: load,
+generate (k tokens per pass and lossless), match."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from kforcing.cli.main import main
+from kforcing.decoding.generate import generate
+from kforcing.io.checkpoint import load_model
+from kforcing.students.feedback import FeedbackConfig, FeedbackStudent, save_feedback
+from kforcing.students.store import load_student, resolve_student_dir, student_info
+
+
+def _saved(saved_tiny_model, tmp_path):
+    teacher = load_model(saved_tiny_model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        student = FeedbackStudent(teacher, FeedbackConfig(max_k=4)).eval()
+    return save_feedback(student, tmp_path / "fb", saved_tiny_model), student
+
+
+def test_load_student_reads_a_feedback_student(saved_tiny_model, tmp_path):
+    d, student = _saved(saved_tiny_model, tmp_path)
+    loaded = load_student(d)
+    assert isinstance(loaded, FeedbackStudent)
+    assert resolve_student_dir(d) == d
+    info = student_info(d)
+    assert info.layout == "feedback" and info.k == 4
+    a = generate(student, [[1, 2, 3]], 12, mode="lossless", k=3, seed=5)
+    b = generate(loaded, [[1, 2, 3]], 12, mode="lossless", k=3, seed=5)
+    ar = generate(student, [[1, 2, 3]], 12, mode="ar", seed=5)
+    assert a.tokens == b.tokens == ar.tokens
+
+
+def test_cli_generate_and_match_take_a_feedback_student(saved_tiny_model, tiny_corpus,
+                                                        tmp_path, capsys):
+    d, _ = _saved(saved_tiny_model, tmp_path)
+    for flags in (["--k", "4"], ["--lossless"]):
+        assert main(["generate", "--model", str(d), "--prompt", "the river", "--json",
+                     "--max-new-tokens", "8", *flags]) == 0
+    capsys.readouterr()
+    assert main(["match", "--student", str(d), "--data", str(tiny_corpus.dir), "--windows", "8",
+                 "--k", "2", "--block-size", "16"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["head"] == "feedback" and rec["tau=1.0"]["windows"] == 8
+    assert rec["tau=1.0"]["per_position"][0] == 1.0
