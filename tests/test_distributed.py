@@ -14,8 +14,8 @@ import pytest
 
 from kforcing.core.config import TrainConfig
 from kforcing.training import distributed
-from kforcing.training.rundir import RunDir
 from kforcing.training.distill import DistillConfig, Distiller
+from kforcing.training.rundir import RunDir
 from kforcing.training.teacher import Trainer
 
 TOL = 1e-5
