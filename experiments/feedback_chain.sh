@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The token-feedback student on the Brown teacher (issue 11), end to end, resumable:
 # teacher cache -> stage k=1 (teacher-forced) -> self-forcing k=2 -> k=4 -> measurements.
-# Usage: experiments/feedback_chain.sh [OUT]   (default /work/runs/fb)
+# Usage: experiments/feedback_chain.sh [OUT]   (default runs/fb)
 # Budgets are CPU-minutes of one thread; run it pinned, e.g.
 #   OMP_NUM_THREADS=1 taskset -c 1 nohup experiments/feedback_chain.sh runs/fb > runs/fb.log 2>&1 &
 set -euo pipefail
-OUT=${1:-/work/runs/fb}
-TEACHER=${TEACHER:-/work/runs/teacher-small}
+OUT=${1:-runs/fb}
+TEACHER=${TEACHER:-runs/teacher-small}
 DATA=${DATA:-.cache/prepared/brown-v8192-s0}
 PY=${PY:-.venv/bin/python}
 S1_MIN=${S1_MIN:-20}; K2_MIN=${K2_MIN:-10}; K4_MIN=${K4_MIN:-15}

@@ -3,10 +3,10 @@
 # - the same trained draft sampled through the inverse CDF instead of Gumbel-max (coupling check);
 # - a draft vocabulary of the N most frequent train tokens (stage 1 only, same teacher cache):
 #   match and speed against the full-vocabulary draft at equal CPU-minutes.
-# Usage: experiments/feedback_extra.sh [OUT] [N]   (defaults /work/runs/fb, 2048)
+# Usage: experiments/feedback_extra.sh [OUT] [N]   (defaults runs/fb, 2048)
 set -euo pipefail
-OUT=${1:-/work/runs/fb}; N=${2:-2048}
-TEACHER=${TEACHER:-/work/runs/teacher-small}
+OUT=${1:-runs/fb}; N=${2:-2048}
+TEACHER=${TEACHER:-runs/teacher-small}
 DATA=${DATA:-.cache/prepared/brown-v8192-s0}
 PY=${PY:-.venv/bin/python}
 MIN=${MIN:-8}

@@ -10,9 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from kforcing.core.config import TrainConfig
+from kforcing.core.config import ModelConfig, TrainConfig
+from kforcing.core.model import Transformer
+from kforcing.io.checkpoint import save_model
+from kforcing.io.tokens import write_token_file
 from kforcing.training import distributed
 from kforcing.training.distill import DistillConfig, Distiller
 from kforcing.training.rundir import RunDir
@@ -142,3 +147,47 @@ def test_distill_two_processes_match_one(saved_tiny_model, tiny_corpus, tmp_path
         if "val" in x:
             assert json.dumps(x["val"]) == json.dumps(y["val"]) or x["val"] == pytest.approx(
                 y["val"], abs=1e-3)
+
+
+# -- the GPU recipes (docs/DISTRIBUTED.md): every config builds its models and takes two steps
+# on CPU, with a random teacher of the real architecture and tiny batches. The 1B Llama teacher
+# has 2 of its 16 blocks here: all 16 (teacher + student + AdamW state, fp32) need ~25 GiB.
+ARCHITECTURES = {
+    "smollm2": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, dim=576,
+                    intermediate_size=1536, max_seq_len=1024, rope_theta=100000.0),
+    "llama1b": dict(vocab_size=128256, n_layer=2, n_head=32, n_kv_head=8, dim=2048,
+                    intermediate_size=8192, max_seq_len=1024, rope_theta=500000.0),
+}
+CONFIGS = Path(__file__).parents[1] / "configs"
+RECIPES = {"smollm2_gpu.json": "smollm2", "smollm2_8gpu.json": "smollm2",
+           "llama1b_1gpu.json": "llama1b", "llama1b_8gpu.json": "llama1b"}
+
+
+def test_every_recipe_in_the_docs_is_tested():
+    docs = (Path(__file__).parents[1] / "docs" / "DISTRIBUTED.md").read_text()
+    named = {name for name in os.listdir(CONFIGS) if f"configs/{name}" in docs}
+    assert named == set(RECIPES)
+    for name in RECIPES:
+        DistillConfig(**{k: v for k, v in json.loads((CONFIGS / name).read_text()).items()})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_dry_run(name, tmp_path):
+    arch = ModelConfig(**ARCHITECTURES[RECIPES[name]])
+    torch.manual_seed(0)
+    save_model(Transformer(arch), tmp_path / "teacher")
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        write_token_file(tmp_path / "data" / f"{split}.bin",
+                         [rng.integers(0, arch.vocab_size, 2000)], vocab_size=arch.vocab_size,
+                         num_documents=1)
+    cfg = json.loads((CONFIGS / name).read_text())
+    for k in (1, 2):       # a first stage, then a self-forcing stage from it
+        cfg.update(teacher=str(tmp_path / "teacher"), data=str(tmp_path / "data"),
+                   out_dir=str(tmp_path / f"k{k}"), k=k, device="cpu", batch_size=2,
+                   block_size=16, windows=4, eval_contexts=2, max_steps=2,
+                   time_budget_min=None, eval_every_min=1000.0, ckpt_every=1000,
+                   init=str(tmp_path / "k1") if k == 2 else None)
+        rec = Distiller(DistillConfig(**cfg), progress=False).fit()
+        assert rec["step"] == 2
