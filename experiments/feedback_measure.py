@@ -21,7 +21,8 @@ from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.feedback import generate_feedback
 from kforcing.evaluation.quality import decode, sample_quality
-from kforcing.io.data import TokenFile, load_tokenizer
+from kforcing.io.tokenizers import load_tokenizer
+from kforcing.io.tokens import TokenFile
 from kforcing.students.feedback import load_feedback, resolve_feedback_dir
 from kforcing.training.feedback import eval_contexts, evaluate_feedback
 

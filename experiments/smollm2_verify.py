@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from kforcing.io.checkpoint import load_model
-from kforcing.io.data import load_tokenizer
-from kforcing.decoding.generate import generate_ar
-from kforcing.io.hub import chat_template, fetch_smollm2, load_gguf, render_chat
 from kforcing.core.sampling import SamplingConfig
+from kforcing.decoding.generate import generate_ar
+from kforcing.io.checkpoint import load_model
+from kforcing.io.hub import chat_template, fetch_smollm2, load_gguf, render_chat
+from kforcing.io.tokenizers import load_tokenizer
 
 
 def timed(fn, repeats: int = 3) -> float:

@@ -15,7 +15,7 @@ import uvicorn
 from kforcing.core.config import ModelConfig
 from kforcing.core.model import Transformer
 from kforcing.io.checkpoint import save_model
-from kforcing.io.data import eos_id
+from kforcing.io.tokenizers import eos_id
 from kforcing.serving.app import ServerSettings, create_app
 from kforcing.serving.engine import Engine, load_served
 from kforcing.serving.scheduler import Plan, Scheduler, Wave

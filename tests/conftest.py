@@ -15,7 +15,8 @@ import torch
 
 from kforcing.core.config import ModelConfig
 from kforcing.core.model import Transformer
-from kforcing.io.data import PreparedCorpus, eos_id, load_tokenizer, prepare_corpus
+from kforcing.io.corpora import PreparedCorpus, prepare_corpus
+from kforcing.io.tokenizers import eos_id, load_tokenizer
 
 # The tests are tiny; one thread avoids fighting over the cores with anything else running, and
 # keeps every floating-point reduction in a fixed order.

@@ -31,7 +31,7 @@ from kforcing.evaluation.quality import (
     unigram_entropy,
 )
 from kforcing.io.checkpoint import load_model
-from kforcing.io.data import TokenFile
+from kforcing.io.tokens import TokenFile
 from kforcing.recipes.eval_report import eval_markdown
 from kforcing.students.pushforward import PushForward, StudentConfig, WindowOutput
 from kforcing.students.store import save_student

@@ -34,8 +34,8 @@ from kforcing.decoding.feedback import generate_feedback
 from kforcing.decoding.kforcing import generate_kforcing
 from kforcing.decoding.machine import MIN_CPU_SHARE, Watch
 from kforcing.errors import KForcingError
+from kforcing.io.cache import cache_dir
 from kforcing.io.checkpoint import atomic_write_json
-from kforcing.io.data import cache_dir
 from kforcing.students.feedback import FeedbackStudent
 from kforcing.students.pushforward import PushForward
 

@@ -51,8 +51,8 @@ from kforcing.evaluation.bench_plot import plot, series_label
 from kforcing.evaluation.bench_report import add_roofline, dtype_winners, roofline_markdown
 from kforcing.evaluation.roofline import dtype_of
 from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json, load_model
-from kforcing.io.data import TokenFile
 from kforcing.io.hf import to_hf_model
+from kforcing.io.tokens import TokenFile
 from kforcing.students.feedback import is_feedback_dir, load_feedback
 from kforcing.students.store import load_student, teacher_of
 

@@ -32,7 +32,7 @@ from kforcing.evaluation.match import (
     match_rates,
 )
 from kforcing.evaluation.quality import decode, sample_quality
-from kforcing.io.data import TokenFile
+from kforcing.io.tokens import TokenFile
 from kforcing.students.pushforward import check_k
 
 # -- free-running samples: the real decoders, explicit noise --------------------------------------

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kforcing.core.sampling import SamplingConfig, draw, probs_from_logits
 from kforcing.errors import KForcingError
-from kforcing.io.data import TokenFile
+from kforcing.io.tokens import TokenFile
 from kforcing.students.targets import ar_rollout, teacher_conditionals
 
 

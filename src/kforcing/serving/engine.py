@@ -21,8 +21,8 @@ from kforcing.decoding import autok
 from kforcing.decoding.generate import generate
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import load_model, tokenizer_path
-from kforcing.io.data import load_tokenizer
 from kforcing.io.hub import chat_template, render_chat
+from kforcing.io.tokenizers import load_tokenizer
 from kforcing.serving.scheduler import OnTokens, Plan, Wave, WaveKey
 from kforcing.serving.schemas import APIError
 from kforcing.students.feedback import (

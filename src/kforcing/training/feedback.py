@@ -41,7 +41,7 @@ from kforcing.io.checkpoint import (
     load_tensors,
     resolve_model_dir,
 )
-from kforcing.io.data import TokenFile
+from kforcing.io.tokens import TokenFile
 from kforcing.students.feedback import (
     FeedbackConfig,
     FeedbackStudent,

@@ -29,7 +29,7 @@ from kforcing.core.config import from_dict, load_json
 from kforcing.core.model import Transformer
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
-from kforcing.io.data import TokenFile
+from kforcing.io.tokens import TokenFile
 
 MANIFEST = "manifest.json"
 FIELDS = ("tokens", "feature", "top_lp", "top_ids")
