@@ -39,17 +39,14 @@ from kforcing.io.checkpoint import (
 from kforcing.io.tokenizers import load_tokenizer
 from kforcing.io.tokens import BlockLoader, TokenFile
 from kforcing.students.pushforward import PushForward, StudentConfig
-from kforcing.students.store import (  # noqa: F401  (moved; re-export for callers)
+from kforcing.students.store import (
     STUDENT_FILE,
     STUDENT_JSON,
-    is_student_dir,
     load_student,
-    resolve_student_dir,
     save_student,
     student_info,
-    teacher_of,
 )
-from kforcing.students.targets import (  # noqa: F401  (moved; re-export for callers)
+from kforcing.students.targets import (
     ar_rollout,
     invert_noise,
     teacher_conditionals,

@@ -32,7 +32,7 @@ from kforcing.io.checkpoint import (
 from kforcing.io.tokenizers import eos_id, load_tokenizer
 from kforcing.io.tokens import BlockLoader, TokenFile
 from kforcing.training import distributed
-from kforcing.training.rundir import (  # noqa: F401  (optimizer_tensors: re-export for callers)
+from kforcing.training.rundir import (
     TRAINER_JSON,
     TRAINER_TENSORS,
     Progress,
