@@ -5,7 +5,6 @@ size (`--k auto`), and run one wave through `kforcing.decoding.generate.generate
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +39,6 @@ from kforcing.students.store import (
 )
 
 log = logging.getLogger("kforcing.serve")
-
-# until every decoder streams through on_tokens, a decoder without it hands over its tokens at
-# the end of the wave (no early stop; replayed k at a time so per-pass counts stay right for
-# AR and K-Forcing, approximate for lossless)
-_STREAMS = "on_tokens" in inspect.signature(generate).parameters
 
 
 @dataclass
@@ -200,7 +194,7 @@ class Engine:
         s = self.served
         return {"kind": s.kind, "max_k": s.max_k, "modes": list(s.modes),
                 "default_mode": self.mode, "default_k": self.k, "context": s.context,
-                "chat_template": s.chat is not None, "streams_per_pass": _STREAMS}
+                "chat_template": s.chat is not None, "streams_per_pass": True}
 
     # -- waves ------------------------------------------------------------------------------------
     def plan(self, key: WaveKey, batch_size: int) -> Plan:
@@ -245,10 +239,4 @@ class Engine:
             kw["k"] = plan.k
         if plan.mode == "lossless" and s.kind == "student" and s.model.teacher is None:
             kw["teacher"] = s.ar_model
-        if _STREAMS:
-            generate(model, wave.prompts, wave.max_new_tokens, on_tokens=on_tokens, **kw)
-        else:
-            res = generate(model, wave.prompts, wave.max_new_tokens, **kw)
-            step = max(1, round(res.extra.get("tokens_per_pass", plan.k)))
-            for i in range(0, max(map(len, res.tokens)), step):
-                on_tokens([row[i:i + step] for row in res.tokens])
+        generate(model, wave.prompts, wave.max_new_tokens, on_tokens=on_tokens, **kw)
