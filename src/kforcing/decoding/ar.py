@@ -79,7 +79,8 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
             done |= tok == eos
         if (stop := streamer.push(tok[:, None])) is not None:
             done |= stop
-        if bool(done.all()):
+        # reading `done` is a host sync: only when a row can actually stop early
+        if (stop is not None or (stop_at_eos and eos is not None)) and bool(done.all()):
             break
         if step + 1 == max_new_tokens:
             break

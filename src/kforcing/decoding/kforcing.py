@@ -132,7 +132,8 @@ def generate_kforcing(student, prompts: list[list[int]], max_new_tokens: int, *,
             done |= (toks == eos).any(1)
         if (stop := streamer.push(toks)) is not None:
             done |= stop
-        if bool(done.all()):
+        # reading `done` is a host sync: only when a row can actually stop early
+        if (stop is not None or (stop_at_eos and eos is not None)) and bool(done.all()):
             break
         real, real_pos = toks, real_pos[:, -1:] + torch.arange(1, k + 1, device=device)
     sync()
