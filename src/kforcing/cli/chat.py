@@ -17,8 +17,9 @@ from kforcing.cli.common import (
     positive,
 )
 from kforcing.decoding.generate import generate
+from kforcing.evaluation.chat import chat_eos, encode_chat
 from kforcing.io.checkpoint import resolve_model_dir
-from kforcing.io.hub import chat_template, render_chat
+from kforcing.io.hub import chat_template
 from kforcing.students.pushforward import PushForward
 from kforcing.students.store import is_student_dir, student_info, teacher_of
 
@@ -32,6 +33,19 @@ def decode(model, ids: list[int], args, eos: int | None, teacher):
     return generate(model, [ids], args.max_new_tokens, mode=args.mode, k=args.k, eos_id=eos,
                     seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, teacher=teacher)
+
+
+def status(mode: str, res) -> dict:
+    """The line after each answer: tokens, forward passes, tokens/s and, for the modes that
+    decode several tokens per pass, tokens per pass (the decoder's own figure when it reports
+    one: per teacher pass in lossless mode and for the token-feedback student)."""
+    out = {"mode": mode, "new_tokens": res.num_tokens, "forward_passes": res.forward_passes,
+           "tokens_per_s": round(res.tokens_per_second, 1)}
+    if mode != "ar":
+        per = res.extra.get("tokens_per_pass")
+        out["tokens_per_pass"] = round(per if per is not None
+                                       else res.num_tokens / max(res.forward_passes, 1), 2)
+    return out
 
 
 def chat_setup(path: str) -> dict | None:
@@ -55,10 +69,7 @@ def cmd_chat(args) -> None:
     teacher = (teacher_of(model, args.model)
                if isinstance(model, PushForward) and args.mode != "kforcing" else None)
     tok_cfg = chat_setup(args.model)
-    eos = (getattr(model, "model_config", None) or model.config).eos_id
-    if tok_cfg and tok_cfg.get("eos_token"):
-        i = tok.token_to_id(tok_cfg["eos_token"])
-        eos = i if i is not None else eos
+    eos = chat_eos(tok, tok_cfg, (getattr(model, "model_config", None) or model.config).eos_id)
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -66,16 +77,14 @@ def cmd_chat(args) -> None:
     def turn(text: str) -> None:
         history.append({"role": "user", "content": text})
         if tok_cfg:
-            ids = tok.encode(render_chat(tok_cfg, history), add_special_tokens=False).ids
+            ids = encode_chat(tok, tok_cfg, history)
         else:   # a base model: plain continuation of the conversation so far
             ids = tok.encode("\n".join(m["content"] for m in history)).ids
         res = decode(model, ids, args, eos, teacher)
         reply = tok.decode(res.tokens[0], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": reply})
         print(reply, flush=True)
-        print(json.dumps({"mode": args.mode, "new_tokens": res.num_tokens,
-                          "forward_passes": res.forward_passes,
-                          "tokens_per_s": round(res.tokens_per_second, 1)}), file=sys.stderr)
+        print(json.dumps(status(args.mode, res)), file=sys.stderr)
 
     if args.prompt is not None:
         turn(args.prompt)

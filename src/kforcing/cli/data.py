@@ -1,8 +1,12 @@
-"""`kforcing data fetch | data prepare` and `kforcing tokenizer train`: corpora and tokenizers."""
+"""`kforcing data fetch | data prepare | data chat` and `kforcing tokenizer train`: corpora and
+tokenizers."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import torch
 
 from kforcing.cli.common import (
     cache_flag,
@@ -10,12 +14,16 @@ from kforcing.cli.common import (
     default_of,
     natural,
     path,
+    positive,
     print_json,
 )
+from kforcing.core.config import load_json
 from kforcing.errors import KForcingError
 from kforcing.io.cache import cache_dir
+from kforcing.io.checkpoint import load_model, resolve_model_dir
 from kforcing.io.corpora import fetch_brown, load_documents, prepare_corpus, split_documents
 from kforcing.io.tokenizers import train_tokenizer
+from kforcing.training.chatdata import chat_corpus
 
 
 def cmd_fetch(args) -> None:
@@ -31,6 +39,41 @@ def cmd_prepare(args) -> None:
                           tokenizer_path=Path(args.tokenizer) if args.tokenizer else None,
                           field=args.field, seed=args.seed, cache=cache_dir(args.cache))
     print_json({"dir": str(prep.dir), **prep.stats})
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Questions from a .jsonl file (a "prompt" field per line) or a text file (one per line);
+    blank lines are skipped."""
+    path = Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.strip() for line in lines]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise KForcingError(f"{path} line {i} is not JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise KForcingError(f'{path} line {i} has no "prompt" string')
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise KForcingError(f"{path} holds no prompts")
+    return prompts
+
+
+def cmd_chat(args) -> None:
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    teacher_dir = resolve_model_dir(args.teacher)
+    teacher = load_model(teacher_dir)
+    if args.bf16:
+        teacher = teacher.to(torch.bfloat16)
+    root = Path(args.out) if args.out else cache_dir(args.cache) / "chat"
+    out = chat_corpus(teacher, teacher_dir, root, conversations=args.conversations,
+                      prompts=prompts, batch_size=args.batch_size,
+                      question_tokens=args.question_tokens, answer_tokens=args.answer_tokens,
+                      seed=args.seed, temperature=args.temperature, progress=not args.quiet)
+    print_json({"dir": str(out), **load_json(out / "corpus.json")})
 
 
 def cmd_tokenizer(args) -> None:
@@ -62,6 +105,29 @@ def add_parser(sub) -> None:
     sp.add_argument("--seed", type=natural, default=default_of(prepare_corpus, "seed"))
     cache_flag(sp)
     sp.set_defaults(run=cmd_prepare)
+
+    sp = data.add_parser("chat", help="a chat corpus the teacher writes itself (its answers "
+                         "to prompts, or to its own questions): what a feedback draft trains on")
+    sp.add_argument("--teacher", type=path, required=True,
+                    help="instruct teacher (a model directory with a chat template)")
+    sp.add_argument("--conversations", type=count, required=True,
+                    help="conversations to sample (questions that ramble are dropped)")
+    sp.add_argument("--prompts", type=path, help='questions: a .jsonl file with a "prompt" '
+                    "field or a text file, one per line (default: the teacher writes them)")
+    sp.add_argument("--batch-size", type=count, default=default_of(chat_corpus, "batch_size"))
+    sp.add_argument("--answer-tokens", type=count,
+                    default=default_of(chat_corpus, "answer_tokens"))
+    sp.add_argument("--question-tokens", type=count,
+                    default=default_of(chat_corpus, "question_tokens"))
+    sp.add_argument("--temperature", type=positive,
+                    default=default_of(chat_corpus, "temperature"))
+    sp.add_argument("--seed", type=natural, default=default_of(chat_corpus, "seed"))
+    sp.add_argument("--bf16", action="store_true", help="sample with the teacher in bfloat16")
+    sp.add_argument("--out", type=path, help="corpus root; the corpus goes in a folder named "
+                    "by its settings (default: <cache>/chat)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache_flag(sp)
+    sp.set_defaults(run=cmd_chat)
 
     tk = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")

@@ -1,5 +1,9 @@
 """`kforcing eval` (a model's perplexity on a split, or K-Forcing students against their teacher:
-match, first-token TV, free-running samples) and `kforcing match` (window match rates)."""
+match, first-token TV, free-running samples), `kforcing eval-chat` (AR, lossless and K-Forcing
+answers to chat prompts: speed, exactness, quality) and `kforcing match` (window match rates).
+
+`eval-chat` is its own top-level command rather than `eval chat`: a subcommand would make
+`eval` a group, and the old form `kforcing eval --student ... --data ...` parse differently."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import dataclasses
 import json
 import math
 import shlex
+import sys
 from pathlib import Path
 
 from kforcing.cli.common import (
@@ -24,14 +29,28 @@ from kforcing.cli.common import (
     temperatures,
 )
 from kforcing.errors import KForcingError
+from kforcing.evaluation.bench_machine import parse_cores, pin_cores
+from kforcing.evaluation.chat import (
+    ChatEvalConfig,
+    chat_eval,
+    check_chat_student,
+    load_prompts,
+    write_chat_eval,
+)
 from kforcing.evaluation.evaluate import EvalConfig, evaluate
 from kforcing.evaluation.match import build_match_set, match_rates
 from kforcing.evaluation.quality import load_judge
-from kforcing.io.checkpoint import atomic_write_json, load_model, resolve_model_dir
+from kforcing.io.checkpoint import (
+    atomic_write_json,
+    load_model,
+    resolve_model_dir,
+    tokenizer_path,
+)
+from kforcing.io.hub import chat_template
 from kforcing.io.tokenizers import load_tokenizer
 from kforcing.io.tokens import TokenFile
 from kforcing.recipes.eval_report import eval_markdown
-from kforcing.students.feedback import FeedbackStudent
+from kforcing.students.feedback import FeedbackStudent, load_feedback
 from kforcing.students.pushforward import check_k
 from kforcing.students.store import load_student, student_info, teacher_dir_of, teacher_of
 from kforcing.training.feedback import eval_contexts, evaluate_feedback
@@ -118,6 +137,64 @@ def eval_command(args) -> str:
     return shlex.join(parts)
 
 
+def cmd_eval_chat(args) -> None:
+    cfg = ChatEvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(
+        ChatEvalConfig) if getattr(args, f.name, None) is not None})
+    prompts = load_prompts(args.prompts)[:args.limit]
+    if args.cores:
+        pin_cores(parse_cores(args.cores))
+    info = student_info(args.student)
+    teacher_path = (resolve_model_dir(args.teacher) if args.teacher
+                    else teacher_dir_of(args.student))
+    tok_cfg = chat_template(teacher_path)
+    if tok_cfg is None:
+        raise KForcingError(f"the teacher {teacher_path} has no chat template (a "
+                            "tokenizer_config.json with chat_template): chat evaluation needs an "
+                            "instruction-tuned teacher such as SmolLM2 (kforcing fetch smollm2)")
+    teacher = load_model(teacher_path, device=args.device).eval()
+    student = (load_feedback(args.student, device=args.device, teacher=teacher)
+               if info.layout == "feedback" else load_student(args.student, device=args.device))
+    check_chat_student(student)
+    tok = load_tokenizer(tokenizer_path(teacher_path))
+    if tok.get_vocab_size() > teacher.config.vocab_size:
+        raise KForcingError(f"the tokenizer of {teacher_path} has {tok.get_vocab_size()} tokens "
+                            f"but the teacher only {teacher.config.vocab_size}: mismatched "
+                            "tokenizer")
+    result = chat_eval(student, tok, tok_cfg, prompts, cfg, teacher=teacher,
+                       command=chat_command(args), progress=not args.quiet)
+    ev = result.eval
+    ev.update(student=str(args.student), teacher_path=str(teacher_path),
+              prompts_file=str(args.prompts) if args.prompts else "packaged: chat_prompts.jsonl")
+    ev["students"][0].update(student=str(args.student), trained_k=info.k)
+    if ev["busy_warning"]:
+        print(ev["busy_warning"], file=sys.stderr)
+    chat = ev["chat"]
+    if chat["lossless_mismatches"]:
+        print(f"WARNING: {chat['lossless_mismatches']} lossless answers differ from the seeded "
+              f"AR answers: {', '.join(chat['mismatched_ids'])}", file=sys.stderr)
+    if args.out:
+        paths = write_chat_eval(result, args.out)
+        print(f"wrote {paths['eval']} and {paths['bench']}", file=sys.stderr)
+    print_json({"prompts": len(prompts), "k": cfg.k, "head": ev["head"],
+                "lossless_mismatches": chat["lossless_mismatches"],
+                "tokens_per_pass": chat["lossless"]["tokens_per_pass"],
+                **{f"{m}_tokens_per_s": round(chat[m]["tokens_per_s"], 2)
+                   for m in ("ar", "lossless", "kforcing")},
+                "gen_ppl_ar": ev["teacher"]["gen_ppl_teacher"],
+                "gen_ppl_kforcing": ev["students"][0]["gen_ppl_teacher"], "busy": ev["busy"]})
+
+
+def chat_command(args) -> str:
+    """The command line that reproduces this chat evaluation (recorded in its outputs)."""
+    parts = ["kforcing", "eval-chat", "--student", args.student]
+    for name in ("teacher", "prompts", "limit", "k", "new_tokens", "tau", "seed", "repeats",
+                 "samples", "out", "cores", "device"):
+        v = getattr(args, name)
+        if v is not None:
+            parts += ["--" + name.replace("_", "-"), str(v)]
+    return shlex.join(parts)
+
+
 def cmd_match(args) -> None:
     student = load_student(args.student, device=args.device)
     k = args.k or student.config.max_k
@@ -178,6 +255,33 @@ def add_parser(sub) -> None:
     sp.add_argument("--max-batches", type=count, default=None, help="perplexity mode")
     device_flag(sp)
     sp.set_defaults(run=cmd_eval)
+
+    C = ChatEvalConfig()
+    sp = sub.add_parser("eval-chat", help="chat prompts at batch 1: AR, lossless and K-Forcing "
+                        "answers (speed, tokens per teacher pass, exactness, gen-PPL)")
+    sp.add_argument("--student", type=path, required=True,
+                    help="a token-feedback or PushForward student directory")
+    sp.add_argument("--teacher", type=path, help="its teacher (default: the one it records); "
+                    "must have a chat template")
+    sp.add_argument("--prompts", type=path, help="a .jsonl (\"prompt\" per line) or .txt (one "
+                    "per line) file (default: the packaged 40-prompt chat set)")
+    sp.add_argument("--limit", type=count, help="evaluate the first N prompts only")
+    sp.add_argument("--k", type=count, default=C.k, help="tokens per pass")
+    sp.add_argument("--new-tokens", type=count, default=C.new_tokens,
+                    help="most tokens per answer (EOS stops earlier)")
+    sp.add_argument("--tau", type=positive, default=C.tau)
+    sp.add_argument("--seed", type=natural, default=C.seed, help="prompt i uses seed "
+                    "seed * 2^32 + i")
+    sp.add_argument("--repeats", type=count, default=C.repeats,
+                    help="timed sweeps over the prompts (median tokens/s)")
+    sp.add_argument("--samples", type=natural, default=C.samples,
+                    help="prompts in the side-by-side table")
+    sp.add_argument("--out", type=path, help="directory for eval.json and bench.jsonl")
+    sp.add_argument("--cores", help="pin the process to these cores (e.g. 0 or 0-3) before "
+                    "anything runs; the result records the load average either way")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    device_flag(sp)
+    sp.set_defaults(run=cmd_eval_chat)
 
     sp = sub.add_parser("match", help="student vs teacher: window match rates, same uniforms")
     sp.add_argument("--student", type=path, required=True)

@@ -18,9 +18,9 @@ from kforcing.recipes.reproduce import ReproduceConfig, run_reproduce
 
 
 def cmd_demo(args) -> None:
-    run_demo(minutes=args.minutes, teacher=args.teacher, out=args.out, cache=args.cache,
-             new_tokens=args.new_tokens, distill_minutes=args.distill_minutes,
-             student=args.student)
+    run_demo(minutes=args.minutes, conversations=args.conversations, teacher=args.teacher,
+             student=args.student, out=args.out, cache=args.cache, new_tokens=args.new_tokens,
+             k=args.k)
 
 
 # flags of `kforcing reproduce` that set a ReproduceConfig field of the same name, with a type
@@ -51,16 +51,20 @@ def cmd_reproduce(args) -> None:
 
 
 def add_parser(sub) -> None:
-    sp = sub.add_parser("demo", help="the whole chain on the built-in default (Brown, small)")
+    sp = sub.add_parser("demo", help="SmolLM2-135M-Instruct made faster: a token-feedback "
+                        "draft trained in minutes, then AR, lossless and K-Forcing answers")
     sp.add_argument("--minutes", type=positive, default=default_of(run_demo, "minutes"),
-                    help="teacher training budget when no trained teacher is found")
-    sp.add_argument("--teacher", type=path, help="use this trained teacher instead")
-    sp.add_argument("--student", type=path, help="use this K-Forcing student instead of distilling")
-    sp.add_argument("--distill-minutes", type=positive,
-                    default=default_of(run_demo, "distill_minutes"),
-                    help="budget per distillation stage when no student is found")
+                    help="CPU-minutes of draft training (default: %(default)s)")
+    sp.add_argument("--conversations", type=count,
+                    default=default_of(run_demo, "conversations"),
+                    help="chats the teacher writes to train the draft on (default: %(default)s)")
+    sp.add_argument("--teacher", type=path,
+                    help="an imported instruct teacher to use instead of SmolLM2")
+    sp.add_argument("--student", type=path,
+                    help="use this feedback student instead of training the demo's draft")
     sp.add_argument("--out", type=path, default=default_of(run_demo, "out"))
     sp.add_argument("--new-tokens", type=count, default=default_of(run_demo, "new_tokens"))
+    sp.add_argument("--k", type=count, default=default_of(run_demo, "k"))
     cache_flag(sp)
     sp.set_defaults(run=cmd_demo)
 

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
-from kforcing.decoding.kforcing import generate_kforcing
+from kforcing.decoding.feedback import summarize_matches, window_match
+from kforcing.decoding.generate import generate
 from kforcing.errors import KForcingError
 from kforcing.evaluation.match import (
     MatchSet,
@@ -33,25 +34,29 @@ from kforcing.evaluation.match import (
 )
 from kforcing.evaluation.quality import decode, sample_quality
 from kforcing.io.tokens import TokenFile
+from kforcing.students.feedback import FeedbackStudent
 from kforcing.students.pushforward import check_k
 
 # -- free-running samples: the real decoders, explicit noise --------------------------------------
 
 def rollout_ar(teacher, prompts: torch.Tensor, noise: NoiseStream, new_tokens: int, tau: float,
-               order: str = "vocab") -> torch.Tensor:
+               order: str = "vocab", coupling: str = "inverse-cdf") -> torch.Tensor:
     """Teacher samples: prompts (B, P) -> (B, L) tokens, token j drawn with noise index j of
-    row b. No EOS stop, so every sample has L tokens."""
+    row b (through the student's CDF order or coupling). No EOS stop: every sample has L
+    tokens."""
     res = generate_ar(teacher, prompts.tolist(), new_tokens, noise=noise, stop_at_eos=False,
-                      sampling=SamplingConfig(temperature=tau, cdf_order=order))
+                      sampling=SamplingConfig(temperature=tau, cdf_order=order,
+                                              coupling=coupling))
     return torch.tensor(res.tokens, dtype=torch.long, device=prompts.device)
 
 
 def rollout_kforcing(student, prompts: torch.Tensor, noise: NoiseStream, new_tokens: int,
                      tau: float, k: int) -> torch.Tensor:
     """Student samples from the same noise (window n reads uniforms n .. n + k - 1), so a
-    student that equals the teacher's sampler reproduces rollout_ar token for token."""
-    res = generate_kforcing(student, prompts.tolist(), new_tokens, k=k, noise=noise,
-                            stop_at_eos=False, temperature=tau)
+    student that equals the teacher's sampler reproduces rollout_ar token for token. Any
+    student kind (PushForward layouts, the token-feedback student) through `generate`."""
+    res = generate(student, prompts.tolist(), new_tokens, mode="kforcing", k=k, noise=noise,
+                   stop_at_eos=False, temperature=tau)
     return torch.tensor(res.tokens, dtype=torch.long, device=prompts.device)
 
 
@@ -107,13 +112,14 @@ class EvalSet:
                 device=self.prompts.device)
         return self._match[k, order]
 
-    def teacher_samples(self, teacher, order: str, progress: bool = False) -> torch.Tensor:
-        if order not in self._teacher_samples:
-            self._teacher_samples[order] = _batched(
+    def teacher_samples(self, teacher, order: str, progress: bool = False,
+                        coupling: str = "inverse-cdf") -> torch.Tensor:
+        if (order, coupling) not in self._teacher_samples:
+            self._teacher_samples[order, coupling] = _batched(
                 lambda p, noise: rollout_ar(teacher, p, noise, self.cfg.new_tokens,
-                                            self.cfg.tau, order),
+                                            self.cfg.tau, order, coupling),
                 self, "teacher samples", progress)
-        return self._teacher_samples[order]
+        return self._teacher_samples[order, coupling]
 
 
 def _batched(fn, eset: EvalSet, desc: str, progress: bool) -> torch.Tensor:
@@ -153,6 +159,23 @@ def build_eval_set(teacher, tokens: TokenFile, cfg: EvalConfig, k_max: int = 1) 
     return EvalSet(tokens, cfg, prompts.to(device), noise, tv_x.to(device), tv_u.to(device))
 
 
+def sampler_of(student) -> tuple[str, str]:
+    """(cdf_order, coupling) a student samples with, so the teacher's reference samples use the
+    same map from noise to tokens: a PushForward student its CDF order, the token-feedback
+    student its coupling (docs/METHOD.md section 9)."""
+    if isinstance(student, FeedbackStudent):
+        return "vocab", student.config.coupling
+    return student.config.cdf_order, "inverse-cdf"
+
+
+def kind_of(student) -> dict:
+    """{"head", "layout"} of any student kind: the token-feedback student is "feedback" in
+    both."""
+    if isinstance(student, FeedbackStudent):
+        return {"head": "feedback", "layout": "feedback"}
+    return {"head": student.config.head, "layout": student.config.layout}
+
+
 def check_student(student, teacher) -> None:
     ours, theirs = student.model_config, teacher.config
     if ours.vocab_size != theirs.vocab_size:
@@ -161,11 +184,12 @@ def check_student(student, teacher) -> None:
 
 
 def evaluate_teacher(teacher, eset: EvalSet, *, order: str = "vocab", tokenizer=None, judge=None,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, coupling: str = "inverse-cdf") -> dict:
     """The teacher's own samples, scored like the students' (the reference column)."""
     t0 = time.perf_counter()
-    samples = eset.teacher_samples(teacher, order, progress)
-    out = {"tau": eset.cfg.tau, "cdf_order": order, "n_samples": samples.shape[0],
+    samples = eset.teacher_samples(teacher, order, progress, coupling)
+    out = {"tau": eset.cfg.tau, "cdf_order": order, "coupling": coupling,
+           "n_samples": samples.shape[0],
            "new_tokens": samples.shape[1],
            **sample_quality(teacher, eset.prompts, samples, tokenizer=tokenizer, judge=judge,
                             batch_size=eset.cfg.batch_size, progress=progress)}
@@ -194,20 +218,18 @@ def evaluate_student(student, teacher, tokens: TokenFile, *, k: int | None = Non
                             f"{cfg.prompt_len + cfg.new_tokens + 2 * k} exceeds the student's "
                             f"context of {student.model_config.max_seq_len} tokens")
     t0 = time.perf_counter()
-    order = student.config.cdf_order
+    order, coupling = sampler_of(student)
     was_training = student.training
     student.eval()
-    rates = match_rates(student, eset.match_set(teacher, k, order))[f"tau{cfg.tau:g}"]
-    tv = first_token_tv(student, teacher, eset.tv_x, eset.tv_u, cfg.tau, progress=progress)
+    fidelity = (_feedback_fidelity(student, eset, k) if isinstance(student, FeedbackStudent)
+                else _pushforward_fidelity(student, teacher, eset, k, progress))
     samples = _batched(lambda p, noise: rollout_kforcing(student, p, noise, cfg.new_tokens,
                                                          cfg.tau, k),
                        eset, f"k={k} samples", progress)
-    ref = eset.teacher_samples(teacher, order, progress)
+    ref = eset.teacher_samples(teacher, order, progress, coupling)
     differ = torch.cat([samples != ref, torch.ones_like(ref[:, :1], dtype=torch.bool)], 1)
-    out = {"k": k, "tau": cfg.tau, "cdf_order": order,
-           "first_token_match": rates["first"], "joint_match": rates["joint"],
-           "per_position_match": rates["per_pos"], "match_windows": rates["windows"],
-           **tv,
+    out = {"k": k, "tau": cfg.tau, **kind_of(student), "cdf_order": order, "coupling": coupling,
+           **fidelity,
            # tokens before the free-running sample first leaves the teacher's (same uniforms)
            "agree_prefix": float(differ.float().argmax(1).double().mean()),
            **sample_quality(teacher, eset.prompts, samples, tokenizer=tokenizer, judge=judge,
@@ -222,6 +244,40 @@ def evaluate_student(student, teacher, tokens: TokenFile, *, k: int | None = Non
     return out
 
 
+def _pushforward_fidelity(student, teacher, eset: EvalSet, k: int, progress: bool) -> dict:
+    """Window match against the exact AR rollout and the first token's TV (evaluation/match.py)."""
+    rates = match_rates(student, eset.match_set(teacher, k, student.config.cdf_order))
+    rates = rates[f"tau{eset.cfg.tau:g}"]
+    return {"first_token_match": rates["first"], "joint_match": rates["joint"],
+            "per_position_match": rates["per_pos"], "match_windows": rates["windows"],
+            **first_token_tv(student, teacher, eset.tv_x, eset.tv_u, eset.cfg.tau,
+                             progress=progress)}
+
+
+def _feedback_fidelity(student: FeedbackStudent, eset: EvalSet, k: int, chunk: int = 64
+                       ) -> dict:
+    """The token-feedback student's window against the teacher's own chain under the same noise
+    (decoding.feedback.window_match), one window after each of `windows` held-out contexts. Its
+    first token is the teacher's exact sample, so the first-token TV is 0 by construction."""
+    cfg = eset.cfg
+    g = torch.Generator().manual_seed(10_000 + cfg.seed)
+    contexts = held_out_blocks(eset.tokens, cfg.windows, cfg.context_len, g)
+    contexts = contexts.to(eset.prompts.device)
+    sampling = SamplingConfig(temperature=cfg.tau, coupling=student.config.coupling)
+    # window i of eval seed s reads row seed s * 2^32 + 2^31 + i: apart from the samples' rows
+    base = (cfg.seed << 32) + (1 << 31)
+    parts = [window_match(student, contexts[i:i + chunk], k, sampling,
+                          NoiseStream([base + j for j in range(i, min(i + chunk, len(contexts)))],
+                                      contexts.device))
+             for i in range(0, len(contexts), chunk)]
+    m = summarize_matches(parts)
+    return {"first_token_match": m["per_position"][0], "joint_match": m["joint"],
+            "per_position_match": m["per_position"], "match_windows": m["windows"],
+            "overlap2": m["overlap2"], "implied_tokens_per_pass": m["tokens_per_pass"],
+            "first_token_tv": 0.0, "first_token_tv_se": 0.0, "first_token_tv_bias_bound": 0.0,
+            "first_token_tv_coupling_bound": 0.0}
+
+
 def evaluate(teacher, tokens: TokenFile, runs: list[tuple[str, object, int]], *,
              cfg: EvalConfig | None = None, tokenizer=None, judge=None, progress: bool = False
              ) -> dict:
@@ -232,10 +288,10 @@ def evaluate(teacher, tokens: TokenFile, runs: list[tuple[str, object, int]], *,
         check_k(k, student.config.max_k)
         check_student(student, teacher)
     eset = build_eval_set(teacher, tokens, cfg, max((k for *_, k in runs), default=1))
-    order = runs[0][1].config.cdf_order if runs else "vocab"
+    order, coupling = sampler_of(runs[0][1]) if runs else ("vocab", "inverse-cdf")
     result = {"config": asdict(cfg),
               "teacher": evaluate_teacher(teacher, eset, order=order, tokenizer=tokenizer,
-                                          judge=judge, progress=progress),
+                                          judge=judge, progress=progress, coupling=coupling),
               "students": []}
     for label, student, k in tqdm(runs, desc="students", disable=not progress or len(runs) < 2):
         entry = evaluate_student(student, teacher, tokens, k=k, eset=eset, tokenizer=tokenizer,

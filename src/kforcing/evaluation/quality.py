@@ -122,5 +122,22 @@ def sample_quality(teacher, prompts: torch.Tensor, samples: torch.Tensor, *, tok
     return out
 
 
+def ragged_quality(teacher, prompts: list[list[int]], samples: list[list[int]]) -> dict:
+    """sample_quality's teacher-side figures for samples of different lengths after prompts of
+    different lengths (chat answers that stop at EOS): gen-PPL pooled over every generated
+    token (token_nll one sample at a time), unigram entropy averaged over non-empty samples,
+    distinct-1/2/3 pooled."""
+    device = next(teacher.parameters()).device
+    nll = [token_nll(teacher, torch.tensor([p], device=device), torch.tensor([s], device=device))[0]
+           for p, s in zip(prompts, samples, strict=True) if s]
+    rows = [s for s in samples if s]
+    if not rows:
+        raise KForcingError("no generated tokens to score (every sample is empty)")
+    return {"gen_ppl_teacher": math.exp(float(torch.cat(nll).double().mean())),
+            "unigram_entropy": sum(map(unigram_entropy, rows)) / len(rows),
+            **{f"distinct_{n}": distinct_n(rows, n) for n in (1, 2, 3)},
+            "judge_ppl": None}
+
+
 def decode(tokenizer, rows: torch.Tensor) -> list[str]:
     return [tokenizer.decode(r, skip_special_tokens=True) for r in rows.tolist()]

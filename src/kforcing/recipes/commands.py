@@ -10,7 +10,8 @@ import shlex
 from typing import Any
 
 # config field -> flag name where they differ (`kforcing train --out` sets TrainConfig.out_dir)
-FLAG_NAMES = {"out_dir": "out", "ks": "k", "model_overrides": "override"}
+FLAG_NAMES = {"out_dir": "out", "ks": "k", "model_overrides": "override",
+              "draft_vocab_size": "draft_vocab"}
 
 
 def command(name: str, *positional: Any, **flags: Any) -> str:
@@ -40,9 +41,10 @@ def changed_fields(cfg: Any) -> dict[str, Any]:
     """The fields of a dataclass config that differ from its defaults, as command-line flags
     (nested configs flattened, renamed per FLAG_NAMES); the defaults are the parser's too."""
     out: dict[str, Any] = {}
-    default = type(cfg)()
     for f in dataclasses.fields(cfg):
-        value, base = getattr(cfg, f.name), getattr(default, f.name)
+        # the field's own default: some configs cannot be built from defaults alone
+        base = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        value = getattr(cfg, f.name)
         if value == base:
             continue
         if dataclasses.is_dataclass(value):

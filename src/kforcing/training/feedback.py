@@ -13,6 +13,12 @@
 In-run validation (every few CPU-minutes) measures window match under the student's own
 coupling on held-out windows, logged with the process CPU time of training, so curves are per
 CPU-minute. Checkpoints are atomic and a resumed run continues exactly.
+
+Under torchrun (training/distributed.py, docs/DISTRIBUTED.md) the draft trains in DDP: each rank
+takes its slice of every global batch (the random draws are made for the whole batch and
+sliced, so N ranks compute what one process would), runs the teacher on its rows only,
+validates its part of the held-out windows, and rank 0 alone writes. CPU time is summed over
+ranks: the budget and the curves count the CPU the whole job spent.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from kforcing.core.config import from_dict, load_json
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
-from kforcing.decoding.feedback import summarize_matches, window_match
+from kforcing.decoding.feedback import WindowMatch, summarize_matches, window_match
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import (
     atomic_save_tensors,
@@ -50,6 +56,7 @@ from kforcing.students.feedback import (
     resolve_feedback_dir,
     save_feedback,
 )
+from kforcing.training import distributed
 from kforcing.training.feedback_cache import load_teacher_cache
 from kforcing.training.rundir import (
     TRAINER_JSON,
@@ -88,6 +95,7 @@ class FeedbackTrainConfig:
     eval_taus: tuple[float, ...] = (1.0, 0.7)
     ckpt_every: int = 100
     bf16: bool = False                 # bf16 autocast for the teacher's no-grad passes
+    draft_bf16: bool = False           # bf16 autocast for the draft's forward (weights stay fp32)
     seed: int = 0
     threads: int | None = None
 
@@ -147,9 +155,14 @@ def soft_ce_dense(q_logits: torch.Tensor, p_logits: torch.Tensor, tau: torch.Ten
     return -(p * (q_logits.float() / t).log_softmax(-1)).sum(-1)
 
 
-def gumbel_sample(logits: torch.Tensor, tau: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """An exact sample of softmax(logits / tau) (..., V) from the generator's noise: (...)."""
-    u = torch.rand(logits.shape, generator=gen).clamp_(1e-12, 1 - 1e-7).to(logits.device)
+def gumbel_sample(logits: torch.Tensor, tau: torch.Tensor, gen: torch.Generator,
+                  rows: slice | None = None, batch: int | None = None) -> torch.Tensor:
+    """An exact sample of softmax(logits / tau) (..., V) from the generator's noise: (...).
+    With rows, logits (b, ..., V) are those rows of a batch of `batch` (one rank's shard): the
+    noise of the whole batch is drawn and these rows kept, as one process would draw them."""
+    shape = logits.shape if rows is None else (batch, *logits.shape[1:])
+    u = torch.rand(shape, generator=gen)
+    u = (u if rows is None else u[rows]).clamp_(1e-12, 1 - 1e-7).to(logits.device)
     return (logits.float() / tau.unsqueeze(-1) - torch.log(-torch.log(u))).argmax(-1)
 
 
@@ -171,21 +184,32 @@ def eval_contexts(tokens: TokenFile, n: int, length: int, seed: int = 0) -> torc
                         for s in starts])
 
 
+def window_matches(student: FeedbackStudent, contexts: torch.Tensor, *, k: int, tau: float,
+                   seed: int = 0, chunk: int = 64, coupling: str | None = None
+                   ) -> list[WindowMatch]:
+    """window_match on held-out contexts (n, C) at tau, in chunks; row i uses NoiseStream
+    seed seed + i."""
+    device = student.teacher.tok_embeddings.weight.device
+    s = SamplingConfig(temperature=float(tau), coupling=coupling or student.config.coupling)
+    return [window_match(student, contexts[i:i + chunk].to(device), k, s,
+                         NoiseStream.from_seed(seed + i, min(chunk, len(contexts) - i), device))
+            for i in range(0, len(contexts), chunk)]
+
+
 def evaluate_feedback(student: FeedbackStudent, contexts: torch.Tensor, *, k: int,
                       taus=(1.0, 0.7), seed: int = 0, chunk: int = 64,
                       coupling: str | None = None) -> dict:
     """Window match on held-out contexts (n, C) under the student's coupling (or `coupling`),
     y_1 sampled, at each tau: {"tau=1.0": summarize_matches(...), ...}. Row i uses NoiseStream
-    seed seed + i."""
+    seed seed + i. In a multi-process run each rank evaluates its part of the rows and every
+    rank returns the summary of all of them."""
+    part = distributed.span(len(contexts))
     out = {}
-    device = student.teacher.tok_embeddings.weight.device
     for tau in taus:
-        s = SamplingConfig(temperature=float(tau), coupling=coupling or student.config.coupling)
-        parts = [window_match(student, contexts[i:i + chunk].to(device), k, s,
-                              NoiseStream.from_seed(seed + i, min(chunk, len(contexts) - i),
-                                                    device))
-                 for i in range(0, len(contexts), chunk)]
-        out[f"tau={tau}"] = summarize_matches(parts)
+        mine = window_matches(student, contexts[part], k=k, tau=tau, seed=seed + part.start,
+                              chunk=chunk, coupling=coupling)
+        out[f"tau={tau}"] = summarize_matches([m for ms in distributed.gather(mine)
+                                               for m in ms])
     return out
 
 
@@ -197,6 +221,9 @@ class FeedbackTrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out_dir)
+        self.ctx, _ = distributed.setup("cpu")
+        rows = distributed.shard(range(cfg.batch_size), self.ctx)   # the batch splits evenly
+        self.rows = slice(rows[0], rows[-1] + 1)     # this rank's rows of every global batch
         self.teacher_dir = resolve_model_dir(cfg.teacher)
         teacher = load_model(self.teacher_dir)
         data = Path(cfg.data)
@@ -218,6 +245,7 @@ class FeedbackTrainer:
             self.student = FeedbackStudent(teacher, cfg.student, ids)
         self.teacher = teacher
         self.student.train()
+        self.draft = distributed.wrap(distributed.Method(self.student, "draft"), "cpu")
         self.id_map = None            # token id -> column of the draft vocabulary (-1: absent)
         if self.student.draft_ids is not None:
             ids = self.student.draft_ids
@@ -240,15 +268,15 @@ class FeedbackTrainer:
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95),
                                      weight_decay=cfg.weight_decay)
         self.step, self.cpu_s, self.epoch, self.position = 0, 0.0, 0, 0
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", main=self.ctx.main)
         if resume:
             self._resume()
         elif (self.out / "checkpoints" / "latest.json").exists():
             raise KForcingError(f"{self.out} already holds a run: pass resume or another out")
 
-    def autocast(self):
-        return (torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.bf16
-                else contextlib.nullcontext())
+    def autocast(self, draft: bool = False):
+        on = self.cfg.draft_bf16 if draft else self.cfg.bf16
+        return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     def next_windows(self) -> torch.Tensor:
         """Window indices of the next batch: every window once per epoch, seeded order."""
@@ -270,44 +298,50 @@ class FeedbackTrainer:
 
     # stage 1 ---------------------------------------------------------------------------------
     def teacher_forced_loss(self) -> tuple[torch.Tensor, dict]:
-        idx = self.next_windows()
+        idx = self.next_windows()[self.rows]                 # this rank's rows of the batch
         c = {f: v[idx] for f, v in self.cached.items()}
         x, f = c["tokens"].long(), c["feature"].float()
-        B, T = x.shape
-        tau = self.tau(B)[:, None]
-        h = self.student.draft(f[:, :-1], x[:, 1:], torch.arange(T - 1))      # (B, T-1, D)
-        q = self.student.draft_logits(h)
+        T = x.shape[1]
+        tau = self.tau(self.cfg.batch_size)[self.rows, None]
+        with self.autocast(draft=True):
+            h = self.draft(f[:, :-1], x[:, 1:], torch.arange(T - 1))          # (B, T-1, D)
+            q = self.student.draft_logits(h)
         ce = soft_ce_top(q, c["top_lp"][:, 1:], c["top_ids"][:, 1:], tau,
                          self.student.vocab_size, self.id_map).mean()
         reg = F.smooth_l1_loss(h.float(), f[:, 1:])
-        return ce + self.cfg.reg_weight * reg, {"ce": ce.item(), "reg": reg.item()}
+        return ce + self.cfg.reg_weight * reg, {"ce": distributed.mean(ce.item()),
+                                                "reg": distributed.mean(reg.item())}
 
     # self-forcing stages ---------------------------------------------------------------------
     def self_forcing_loss(self) -> tuple[torch.Tensor, dict]:
         cfg, student, teacher = self.cfg, self.student, self.teacher
         k, C, M = cfg.k, cfg.context, cfg.anchors
         x = torch.stack([torch.from_numpy(self.train_tokens.block(int(i), C)[:-1])
-                         for i in self.next_windows()])                            # (B, C)
-        B = x.shape[0]
-        tau = self.tau(B)
+                         for i in self.next_windows()[self.rows]])                 # (B, C)
+        B, rows = x.shape[0], (self.rows, cfg.batch_size)    # this rank's rows of the batch
+        tau = self.tau(cfg.batch_size)[self.rows]
         anchors = (C // 4 + torch.randperm(C - C // 4, generator=self.gen)[:M]).sort().values
         tcache = KVCache.for_model(teacher, B, max_len=C + M * (k - 1))
         with torch.no_grad(), self.autocast():
             f = teacher(x, cache=tcache, return_hidden=True).float()               # (B, C, D)
-            y = gumbel_sample(teacher.output(f[:, anchors]), tau[:, None], self.gen)  # (B, M)
+            y = gumbel_sample(teacher.output(f[:, anchors]), tau[:, None], self.gen,
+                              *rows)                                               # (B, M)
         kv = GrowingKV(cfg.student.draft_layers)
         steps_q, steps_h, chain = [], [], [y]
         causal = torch.ones(C - 1, C - 1, dtype=torch.bool).tril()[None, None]
-        h_ctx = student.draft(f[:, :-1], x[:, 1:], torch.arange(C - 1), cache=kv, mask=causal)
-        h, pos = f[:, anchors], anchors
-        for i in range(k - 1):
-            h = student.draft(h, chain[-1], pos + i, cache=kv, mask=_chain_mask(C, anchors, i))
-            q = student.draft_logits(h)
-            steps_q.append(q)
-            steps_h.append(h)
-            if i < k - 2:   # the draft's own token, as decoding draws it
-                y = gumbel_sample(q.detach(), tau[:, None], self.gen)
-                chain.append(y if student.draft_ids is None else student.draft_ids[y])
+        with self.autocast(draft=True):
+            h_ctx = self.draft(f[:, :-1], x[:, 1:], torch.arange(C - 1), cache=kv,
+                               mask=causal)
+            h, pos = f[:, anchors], anchors
+            for i in range(k - 1):
+                h = self.draft(h, chain[-1], pos + i, cache=kv,
+                               mask=_chain_mask(C, anchors, i))
+                q = student.draft_logits(h)
+                steps_q.append(q)
+                steps_h.append(h)
+                if i < k - 2:   # the draft's own token, as decoding draws it
+                    y = gumbel_sample(q.detach(), tau[:, None], self.gen, *rows)
+                    chain.append(y if student.draft_ids is None else student.draft_ids[y])
         # targets: the teacher along [context, y_1..y_{k-1}] at every anchor, one pass
         toks = torch.cat(chain, 1)                                                 # (B, (k-1)M)
         tpos = torch.cat([anchors + 1 + i for i in range(k - 1)])
@@ -321,8 +355,9 @@ class FeedbackTrainer:
         ce = soft_ce_dense(q, p, tau[:, None], student.draft_ids).view(B, k - 1, M).mean((0, 2))
         reg = F.smooth_l1_loss(torch.cat(steps_h, 1).float(), g) + \
             F.smooth_l1_loss(h_ctx.float(), f[:, 1:])
-        return ce.mean() + cfg.reg_weight * reg, {"ce": [round(v, 4) for v in ce.tolist()],
-                                                  "reg": reg.item()}
+        return ce.mean() + cfg.reg_weight * reg, {
+            "ce": [round(v, 4) for v in distributed.mean_tensor(ce.detach()).tolist()],
+            "reg": distributed.mean(reg.item())}
 
     # bookkeeping -----------------------------------------------------------------------------
     def lr(self) -> float:
@@ -350,15 +385,19 @@ class FeedbackTrainer:
                       extra={"k": self.cfg.k, "step": self.step,
                              "train": asdict(self.cfg)})
         tensors, meta = optimizer_tensors(self.opt)
-        tensors["rng.gen"] = self.gen.get_state()
+        tensors["rng.gen"] = self.gen.get_state()       # the same on every rank
+        tensors.update({distributed.rng_key(r): s for r, s in enumerate(self._rng)})
         atomic_save_tensors(d / TRAINER_TENSORS, tensors)
         atomic_write_json(d / TRAINER_JSON, {
             "step": self.step, "cpu_s": self.cpu_s, "cum_cpu_s": self.base_cpu + self.cpu_s,
             "base_cpu_s": self.base_cpu, "epoch": self.epoch, "position": self.position,
             "optimizer": meta})
 
-    def save(self) -> Path:
-        return publish_checkpoint(self.out, self.step, self._write)
+    def save(self) -> Path | None:
+        """Every rank calls it (for its RNG state); rank 0 writes, the others wait for it."""
+        self._rng = distributed.gather_rng()
+        with distributed.main_first() as main:
+            return publish_checkpoint(self.out, self.step, self._write) if main else None
 
     def _resume(self) -> None:
         d = resolve_feedback_dir(self.out)
@@ -368,6 +407,12 @@ class FeedbackTrainer:
         tensors = load_tensors(d / TRAINER_TENSORS)
         load_optimizer_tensors(self.opt, tensors, state["optimizer"])
         self.gen.set_state(tensors["rng.gen"])
+        rng = distributed.rng_key(self.ctx.rank)
+        if rng in tensors:       # (absent from checkpoints older than the per-rank states)
+            torch.set_rng_state(tensors[rng])
+        elif self.ctx.world > 1:
+            raise KForcingError(f"cannot resume: checkpoint {d} was written by fewer than "
+                                f"{self.ctx.world} processes (no {rng}); resume with as many")
         self.step, self.cpu_s = state["step"], state["cpu_s"]
         self.base_cpu, self.epoch, self.position = (state["base_cpu_s"], state["epoch"],
                                                     state["position"])
@@ -380,7 +425,7 @@ class FeedbackTrainer:
         target = cfg.max_steps if stop_after is None else min(cfg.max_steps,
                                                                self.step + stop_after)
         loss_fn = self.teacher_forced_loss if cfg.k == 1 else self.self_forcing_loss
-        bar = tqdm(total=target, initial=self.step, disable=not self.progress,
+        bar = tqdm(total=target, initial=self.step, disable=not (self.progress and self.ctx.main),
                    desc=f"feedback k={cfg.k}", unit="step", dynamic_ncols=True)
         if self.step == 0:
             self.metrics.append({**self.record(), "val": self.validate()})
@@ -396,8 +441,9 @@ class FeedbackTrainer:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
-            self.cpu_s += time.process_time() - t0
-            rec = {**self.record(), "loss": round(loss.item(), 4), **parts}
+            # every rank's CPU: the budget, the cadence and the lr are the same on all ranks
+            self.cpu_s += distributed.total(time.process_time() - t0)
+            rec = {**self.record(), "loss": round(distributed.mean(loss.item()), 4), **parts}
             if self.cpu_s - last_eval >= 60 * cfg.eval_every_min:
                 rec["val"] = self.validate()
                 last_eval = self.cpu_s

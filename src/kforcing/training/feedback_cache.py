@@ -12,7 +12,8 @@ Layout of a cache directory:
 Log-probabilities (logits minus their logsumexp) keep the tail mass known: 1 - sum(exp(top_lp)).
 
 Shards are written atomically one by one; building again with the same spec skips the shards
-already on disk, so a killed build resumes where it stopped and ends identical.
+already on disk, so a killed build resumes where it stopped and ends identical. Under torchrun
+each rank computes its own shards (build_teacher_cache, docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kforcing.core.model import Transformer
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from kforcing.io.tokens import TokenFile
+from kforcing.training import distributed
 
 MANIFEST = "manifest.json"
 FIELDS = ("tokens", "feature", "top_lp", "top_ids")
@@ -88,29 +90,38 @@ def build_teacher_cache(teacher: Transformer, spec: CacheSpec, out: str | Path, 
                         batch_size: int = 16, progress: bool = True,
                         stop_after_shards: int | None = None) -> Path:
     """Write (or finish writing) a teacher cache; returns its directory. stop_after_shards
-    writes at most that many new shards and returns (what a killed build leaves)."""
+    writes at most that many new shards (per rank) and returns (what a killed build leaves).
+
+    Under torchrun (training/distributed.py) rank r of N computes the shards i with
+    i % N == r, so each shard is computed once; rank 0 marks the manifest complete when every
+    rank is done, and the files are those a one-process build writes. The manifest's cpu_s
+    sums the ranks' CPU seconds (a killed multi-process build keeps only the earlier runs')."""
     out = Path(out)
+    ctx, _ = distributed.setup(str(teacher.tok_embeddings.weight.device))
     manifest = out / MANIFEST
-    if manifest.is_file():
-        old = load_json(manifest)
+    old = load_json(manifest) if manifest.is_file() else None
+    distributed.barrier()        # every rank has read the manifest before rank 0 rewrites it
+    if old is not None:
         if old.get("spec") != asdict(spec):
             raise KForcingError(f"{out} holds a teacher cache with another spec: choose another "
                                 "directory or delete it")
         if old.get("complete"):
             return out
-    else:
+    elif ctx.main:
         atomic_write_json(manifest, {"spec": asdict(spec), "complete": False})
     tokens = TokenFile(spec.tokens)
     ids = window_ids(tokens, spec)
     device = teacher.tok_embeddings.weight.device
-    todo = [i for i in range(spec.num_shards) if not shard_path(out, i).is_file()]
-    bar = tqdm(total=spec.num_shards, initial=spec.num_shards - len(todo), desc="teacher cache",
-               unit="shard", disable=not progress, dynamic_ncols=True)
-    cpu = load_json(manifest).get("cpu_s", 0.0)
+    mine = range(ctx.rank, spec.num_shards, ctx.world)
+    todo = [i for i in mine if not shard_path(out, i).is_file()]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="teacher cache",
+               unit="shard", disable=not (progress and ctx.main), dynamic_ncols=True)
+    prior = (old or {}).get("cpu_s", 0.0)
+    cpu, stopped = 0.0, False
     for written, i in enumerate(todo):
         if stop_after_shards is not None and written >= stop_after_shards:
-            bar.close()
-            return out
+            stopped = True
+            break
         t0 = time.process_time()
         block = ids[i * spec.shard_windows:(i + 1) * spec.shard_windows]
         x = torch.stack([torch.from_numpy(tokens.block(int(b), spec.block_size)[:-1])
@@ -120,10 +131,17 @@ def build_teacher_cache(teacher: Transformer, spec: CacheSpec, out: str | Path, 
         atomic_save_tensors(shard_path(out, i), {f: torch.cat([p[f] for p in parts])
                                                  for f in FIELDS})
         cpu += time.process_time() - t0
-        atomic_write_json(manifest, {"spec": asdict(spec), "complete": False, "cpu_s": cpu})
+        if ctx.world == 1:       # a killed build keeps the CPU time it spent
+            atomic_write_json(manifest, {"spec": asdict(spec), "complete": False,
+                                         "cpu_s": prior + cpu})
         bar.update(1)
     bar.close()
-    atomic_write_json(manifest, {"spec": asdict(spec), "complete": True, "cpu_s": cpu})
+    cpu = prior + distributed.total(cpu)
+    complete = distributed.maximum(float(stopped)) == 0
+    with distributed.main_first() as main:       # the others wait until the manifest is final
+        if main:
+            atomic_write_json(manifest, {"spec": asdict(spec), "complete": complete,
+                                         "cpu_s": cpu})
     return out
 
 
