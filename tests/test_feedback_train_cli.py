@@ -85,7 +85,6 @@ def test_distill_feedback_resume_continues_the_run(saved_tiny_model, tiny_corpus
     (["--design", "feedback", "--data-free"], "--data-free"),
     (["--cache-windows", "8"], "--cache-windows"),
     (["--draft-vocab", "100"], "--draft-vocab"),
-    (["--design", "feedback", "--nproc", "2"], "--nproc"),
 ])
 def test_a_flag_of_the_other_design_is_refused_by_name(capsys, tmp_path, flags, named):
     rc = main(["distill", "--teacher", "t", "--data", "d", "--out", str(tmp_path / "o"), *flags])

@@ -12,6 +12,7 @@ from kforcing.cli.common import (
     cache_flag,
     count,
     default_of,
+    device_flag,
     natural,
     path,
     positive,
@@ -65,7 +66,7 @@ def read_prompts(path: str | Path) -> list[str]:
 def cmd_chat(args) -> None:
     prompts = read_prompts(args.prompts) if args.prompts else None
     teacher_dir = resolve_model_dir(args.teacher)
-    teacher = load_model(teacher_dir)
+    teacher = load_model(teacher_dir, device=args.device)
     if args.bf16:
         teacher = teacher.to(torch.bfloat16)
     root = Path(args.out) if args.out else cache_dir(args.cache) / "chat"
@@ -127,6 +128,7 @@ def add_parser(sub) -> None:
                     "by its settings (default: <cache>/chat)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     cache_flag(sp)
+    device_flag(sp)
     sp.set_defaults(run=cmd_chat)
 
     tk = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(

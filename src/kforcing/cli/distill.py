@@ -94,8 +94,6 @@ def cache_options(args) -> CacheOptions:
 def cmd_distill(args) -> None:
     _check_design(args)
     feedback = args.design == "feedback"
-    if feedback and args.device not in (None, "cpu"):
-        raise KForcingError(f"--device {args.device}: the feedback trainer runs on the CPU")
     if args.nproc:
         raise SystemExit(launch(args.nproc, without_nproc(sys.argv[1:])))
     with distributed.guard():
@@ -179,7 +177,8 @@ def _feedback_flags(sp) -> None:
           help="teacher cache of stage k=1, built when missing or incomplete (resumable) "
           "(default: <out>/../teacher-cache, shared by the chain's stages)")
     _only(g, F, "--cache-windows", "cache_windows", type=count,
-          help=f"corpus windows in the cache (default: {CacheOptions.windows})")
+          help=f"corpus windows in the cache, at most (default: {CacheOptions.windows}; a "
+          "smaller corpus gives all its windows)")
     _only(g, F, "--cache-block-size", "cache_block_size", type=count,
           help=f"tokens per cached window (default: {CacheOptions.block_size})")
     _only(g, F, "--cache-top-n", "cache_top_n", type=count,
@@ -210,7 +209,7 @@ def add_parser(sub) -> None:
                        "ckpt_every": count, "seed": natural})
     device_flag(sp, default=None)
     sp.add_argument("--nproc", type=count, help="data-parallel processes: re-run this command "
-                    "under torchrun with N processes (docs/DISTRIBUTED.md; pushforward only)")
+                    "under torchrun with N processes (docs/DISTRIBUTED.md)")
     sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     _pushforward_flags(sp)

@@ -15,6 +15,7 @@ import torch
 
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import load_model, resolve_model_dir
+from kforcing.io.tokens import TokenFile
 from kforcing.recipes.commands import config_command
 from kforcing.training.feedback import FeedbackTrainConfig, FeedbackTrainer
 from kforcing.training.feedback_cache import CacheSpec, build_teacher_cache
@@ -39,13 +40,19 @@ def default_cache_dir(out_dir: str | Path) -> Path:
 
 def cache_spec(teacher: str, data: str, opts: CacheOptions, seed: int = 0) -> CacheSpec:
     """The cache spec of a teacher on a prepared corpus's train split (paths resolved, so the
-    same cache is recognised from any working directory)."""
+    same cache is recognised from any working directory). opts.windows is an upper bound: a
+    smaller corpus gives all its windows."""
     tokens = Path(data) / "train.bin"
     if not tokens.is_file():
         raise KForcingError(f"no prepared corpus in '{data}' (train.bin missing)")
+    blocks = TokenFile(tokens).num_blocks(opts.block_size)
+    if blocks < 1:
+        raise KForcingError(f"{tokens} is shorter than one cache window of {opts.block_size} "
+                            "tokens")
     return CacheSpec(teacher=str(resolve_model_dir(teacher).resolve()),
                      tokens=str(tokens.resolve()), block_size=opts.block_size,
-                     top_n=opts.top_n, windows=opts.windows, seed=seed, bf16=opts.bf16)
+                     top_n=opts.top_n, windows=min(opts.windows, blocks), seed=seed,
+                     bf16=opts.bf16)
 
 
 def ensure_cache(cfg: FeedbackTrainConfig, opts: CacheOptions, *, progress: bool = True) -> Path:
@@ -54,7 +61,7 @@ def ensure_cache(cfg: FeedbackTrainConfig, opts: CacheOptions, *, progress: bool
     if not cfg.cache:
         raise KForcingError("no teacher cache directory given")
     spec = cache_spec(cfg.teacher, cfg.data, opts, cfg.seed)
-    teacher = load_model(spec.teacher)
+    teacher = load_model(spec.teacher, device=cfg.device)
     if spec.block_size > teacher.config.max_seq_len:
         raise KForcingError(f"cache block size {spec.block_size} exceeds the teacher's context "
                             f"of {teacher.config.max_seq_len} tokens")

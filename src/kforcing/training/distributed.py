@@ -65,7 +65,9 @@ def env_context() -> Context:
 
 
 def backend_for(device: str) -> str:
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    """gloo on CPU; on CUDA nccl for device tensors plus gloo for the CPU-side reductions
+    (metrics, clocks) the trainers make."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def setup(device: str) -> tuple[Context, str]:

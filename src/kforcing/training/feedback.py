@@ -19,6 +19,11 @@ takes its slice of every global batch (the random draws are made for the whole b
 sliced, so N ranks compute what one process would), runs the teacher on its rows only,
 validates its part of the held-out windows, and rank 0 alone writes. CPU time is summed over
 ranks: the budget and the curves count the CPU the whole job spent.
+
+On an accelerator (`device`; rank r of a torchrun job on cuda:LOCAL_RANK) the models and every
+tensor the losses and validation make live there; the teacher cache stays in host memory, one
+batch moved at a time; random draws stay on CPU generators (the same on every device), moved.
+The clock there is wall time (the slowest rank's): the host mostly waits on the device.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kforcing.core.config import from_dict, load_json
+from kforcing.core.device import check_device
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
@@ -87,8 +93,8 @@ class FeedbackTrainConfig:
     grad_clip: float = 1.0
     reg_weight: float = 1.0            # feature regression (EAGLE) next to the soft CE
     max_steps: int = 100000
-    time_budget_min: float | None = None   # CPU minutes of training in this stage
-    eval_every_min: float = 3.0        # CPU minutes between validations
+    time_budget_min: float | None = None   # CPU minutes of training (wall minutes off CPU)
+    eval_every_min: float = 3.0        # CPU minutes between validations (wall off CPU)
     eval_windows: int = 256
     eval_context: int = 128
     eval_k: int = 4
@@ -98,6 +104,7 @@ class FeedbackTrainConfig:
     draft_bf16: bool = False           # bf16 autocast for the draft's forward (weights stay fp32)
     seed: int = 0
     threads: int | None = None
+    device: str = "cpu"                # checked by the trainer (core/device.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.student, dict):
@@ -188,12 +195,13 @@ def window_matches(student: FeedbackStudent, contexts: torch.Tensor, *, k: int, 
                    seed: int = 0, chunk: int = 64, coupling: str | None = None
                    ) -> list[WindowMatch]:
     """window_match on held-out contexts (n, C) at tau, in chunks; row i uses NoiseStream
-    seed seed + i."""
+    seed seed + i. The matches are returned in host memory (ranks gather them)."""
     device = student.teacher.tok_embeddings.weight.device
     s = SamplingConfig(temperature=float(tau), coupling=coupling or student.config.coupling)
-    return [window_match(student, contexts[i:i + chunk].to(device), k, s,
-                         NoiseStream.from_seed(seed + i, min(chunk, len(contexts) - i), device))
-            for i in range(0, len(contexts), chunk)]
+    out = [window_match(student, contexts[i:i + chunk].to(device), k, s,
+                        NoiseStream.from_seed(seed + i, min(chunk, len(contexts) - i), device))
+           for i in range(0, len(contexts), chunk)]
+    return [WindowMatch(m.tokens.cpu(), m.teacher.cpu(), m.overlap2.cpu()) for m in out]
 
 
 def evaluate_feedback(student: FeedbackStudent, contexts: torch.Tensor, *, k: int,
@@ -221,17 +229,19 @@ class FeedbackTrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out_dir)
-        self.ctx, _ = distributed.setup("cpu")
+        self.ctx, self.device = distributed.setup(check_device(cfg.device))
+        self.on_cpu = torch.device(self.device).type == "cpu"
+        self.clock = time.process_time if self.on_cpu else time.perf_counter   # (seconds)
         rows = distributed.shard(range(cfg.batch_size), self.ctx)   # the batch splits evenly
         self.rows = slice(rows[0], rows[-1] + 1)     # this rank's rows of every global batch
         self.teacher_dir = resolve_model_dir(cfg.teacher)
-        teacher = load_model(self.teacher_dir)
+        teacher = load_model(self.teacher_dir, device=self.device)
         data = Path(cfg.data)
         if not (data / "validation.bin").is_file():
             raise KForcingError(f"no prepared corpus in '{data}' (validation.bin missing)")
         self.base_cpu = 0.0          # CPU seconds spent before this stage (cache, earlier stages)
         if cfg.init:
-            self.student = load_feedback(cfg.init, teacher=teacher)
+            self.student = load_feedback(cfg.init, self.device, teacher=teacher)
             prev = load_json(resolve_feedback_dir(cfg.init) / TRAINER_JSON)
             self.base_cpu = prev.get("cum_cpu_s", 0.0)
             self.student.config = cfg.student = FeedbackConfig(
@@ -242,15 +252,16 @@ class FeedbackTrainer:
             if cfg.student.draft_vocab_size:
                 ids = frequent_ids(TokenFile(data / "train.bin"), cfg.student.draft_vocab_size,
                                    teacher.config.vocab_size)
-            self.student = FeedbackStudent(teacher, cfg.student, ids)
+            self.student = FeedbackStudent(teacher, cfg.student, ids).to(self.device)
         self.teacher = teacher
         self.student.train()
-        self.draft = distributed.wrap(distributed.Method(self.student, "draft"), "cpu")
+        self.draft = distributed.wrap(distributed.Method(self.student, "draft"), self.device)
         self.id_map = None            # token id -> column of the draft vocabulary (-1: absent)
         if self.student.draft_ids is not None:
             ids = self.student.draft_ids
-            self.id_map = torch.full((teacher.config.vocab_size,), -1, dtype=torch.long)
-            self.id_map[ids] = torch.arange(ids.numel())
+            self.id_map = torch.full((teacher.config.vocab_size,), -1, dtype=torch.long,
+                                     device=self.device)
+            self.id_map[ids] = torch.arange(ids.numel(), device=self.device)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         if cfg.k == 1:
             spec, self.cached, cache_cpu = load_teacher_cache(cfg.cache)
@@ -276,7 +287,8 @@ class FeedbackTrainer:
 
     def autocast(self, draft: bool = False):
         on = self.cfg.draft_bf16 if draft else self.cfg.bf16
-        return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+        return (torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16) if on
+                else contextlib.nullcontext())
 
     def next_windows(self) -> torch.Tensor:
         """Window indices of the next batch: every window once per epoch, seeded order."""
@@ -294,33 +306,36 @@ class FeedbackTrainer:
 
     def tau(self, B: int) -> torch.Tensor:
         lo, hi = self.student.config.tau_min, self.student.config.tau_max
-        return lo + (hi - lo) * torch.rand(B, generator=self.gen)
+        return (lo + (hi - lo) * torch.rand(B, generator=self.gen)).to(self.device)
+
+    def mean(self, value: float) -> float:
+        return distributed.mean(value, self.device)   # (nccl reduces device tensors only)
 
     # stage 1 ---------------------------------------------------------------------------------
     def teacher_forced_loss(self) -> tuple[torch.Tensor, dict]:
         idx = self.next_windows()[self.rows]                 # this rank's rows of the batch
-        c = {f: v[idx] for f, v in self.cached.items()}
+        c = {f: v[idx].to(self.device, non_blocking=True) for f, v in self.cached.items()}
         x, f = c["tokens"].long(), c["feature"].float()
         T = x.shape[1]
         tau = self.tau(self.cfg.batch_size)[self.rows, None]
         with self.autocast(draft=True):
-            h = self.draft(f[:, :-1], x[:, 1:], torch.arange(T - 1))          # (B, T-1, D)
-            q = self.student.draft_logits(h)
+            h = self.draft(f[:, :-1], x[:, 1:], torch.arange(T - 1, device=self.device))
+            q = self.student.draft_logits(h)                                   # (B, T-1, Vq)
         ce = soft_ce_top(q, c["top_lp"][:, 1:], c["top_ids"][:, 1:], tau,
                          self.student.vocab_size, self.id_map).mean()
         reg = F.smooth_l1_loss(h.float(), f[:, 1:])
-        return ce + self.cfg.reg_weight * reg, {"ce": distributed.mean(ce.item()),
-                                                "reg": distributed.mean(reg.item())}
+        return ce + self.cfg.reg_weight * reg, {"ce": self.mean(ce.item()),
+                                                "reg": self.mean(reg.item())}
 
     # self-forcing stages ---------------------------------------------------------------------
     def self_forcing_loss(self) -> tuple[torch.Tensor, dict]:
-        cfg, student, teacher = self.cfg, self.student, self.teacher
+        cfg, student, teacher, dev = self.cfg, self.student, self.teacher, self.device
         k, C, M = cfg.k, cfg.context, cfg.anchors
         x = torch.stack([torch.from_numpy(self.train_tokens.block(int(i), C)[:-1])
-                         for i in self.next_windows()[self.rows]])                 # (B, C)
+                         for i in self.next_windows()[self.rows]]).to(dev)         # (B, C)
         B, rows = x.shape[0], (self.rows, cfg.batch_size)    # this rank's rows of the batch
         tau = self.tau(cfg.batch_size)[self.rows]
-        anchors = (C // 4 + torch.randperm(C - C // 4, generator=self.gen)[:M]).sort().values
+        anchors = (C // 4 + torch.randperm(C - C // 4, generator=self.gen)[:M]).sort()[0].to(dev)
         tcache = KVCache.for_model(teacher, B, max_len=C + M * (k - 1))
         with torch.no_grad(), self.autocast():
             f = teacher(x, cache=tcache, return_hidden=True).float()               # (B, C, D)
@@ -328,9 +343,9 @@ class FeedbackTrainer:
                               *rows)                                               # (B, M)
         kv = GrowingKV(cfg.student.draft_layers)
         steps_q, steps_h, chain = [], [], [y]
-        causal = torch.ones(C - 1, C - 1, dtype=torch.bool).tril()[None, None]
+        causal = torch.ones(C - 1, C - 1, dtype=torch.bool, device=dev).tril()[None, None]
         with self.autocast(draft=True):
-            h_ctx = self.draft(f[:, :-1], x[:, 1:], torch.arange(C - 1), cache=kv,
+            h_ctx = self.draft(f[:, :-1], x[:, 1:], torch.arange(C - 1, device=dev), cache=kv,
                                mask=causal)
             h, pos = f[:, anchors], anchors
             for i in range(k - 1):
@@ -345,7 +360,7 @@ class FeedbackTrainer:
         # targets: the teacher along [context, y_1..y_{k-1}] at every anchor, one pass
         toks = torch.cat(chain, 1)                                                 # (B, (k-1)M)
         tpos = torch.cat([anchors + 1 + i for i in range(k - 1)])
-        tmask = torch.cat([torch.arange(C)[None] <= anchors.repeat(k - 1)[:, None],
+        tmask = torch.cat([torch.arange(C, device=dev)[None] <= anchors.repeat(k - 1)[:, None],
                            _chain_mask(0, anchors, k - 2)[0, 0]], 1)
         with torch.no_grad(), self.autocast():
             g = teacher(toks, input_pos=tpos, mask=tmask[None, None], cache=tcache,
@@ -357,7 +372,7 @@ class FeedbackTrainer:
             F.smooth_l1_loss(h_ctx.float(), f[:, 1:])
         return ce.mean() + cfg.reg_weight * reg, {
             "ce": [round(v, 4) for v in distributed.mean_tensor(ce.detach()).tolist()],
-            "reg": distributed.mean(reg.item())}
+            "reg": self.mean(reg.item())}
 
     # bookkeeping -----------------------------------------------------------------------------
     def lr(self) -> float:
@@ -401,7 +416,7 @@ class FeedbackTrainer:
 
     def _resume(self) -> None:
         d = resolve_feedback_dir(self.out)
-        resumed = load_feedback(d, teacher=self.teacher)
+        resumed = load_feedback(d, self.device, teacher=self.teacher)
         self.student.load_state_dict(resumed.state_dict())
         state = load_json(d / TRAINER_JSON)
         tensors = load_tensors(d / TRAINER_TENSORS)
@@ -431,7 +446,7 @@ class FeedbackTrainer:
             self.metrics.append({**self.record(), "val": self.validate()})
         last_eval = self.cpu_s
         while self.step < target and (budget is None or self.cpu_s < budget):
-            t0 = time.process_time()
+            t0 = self.clock()
             for group in self.opt.param_groups:
                 group["lr"] = self.lr()
             loss, parts = loss_fn()
@@ -441,15 +456,19 @@ class FeedbackTrainer:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
-            # every rank's CPU: the budget, the cadence and the lr are the same on all ranks
-            self.cpu_s += distributed.total(time.process_time() - t0)
-            rec = {**self.record(), "loss": round(distributed.mean(loss.item()), 4), **parts}
+            loss_value = loss.item()    # (on an accelerator: once the step's queued work is done)
+            # every rank's CPU (the slowest rank's wall time off CPU): the budget, the cadence
+            # and the lr are the same on all ranks
+            dt = self.clock() - t0
+            self.cpu_s += (distributed.total(dt) if self.on_cpu
+                           else distributed.maximum(dt, self.device))
+            rec = {**self.record(), "loss": round(self.mean(loss_value), 4), **parts}
             if self.cpu_s - last_eval >= 60 * cfg.eval_every_min:
                 rec["val"] = self.validate()
                 last_eval = self.cpu_s
             self.metrics.append(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
             if self.step % cfg.ckpt_every == 0:
                 self.save()
         bar.close()
@@ -464,13 +483,13 @@ def _chain_mask(C: int, anchors: torch.Tensor, i: int) -> torch.Tensor:
     the draft's context entries j < anchor (C - 1 of them; none for C = 0), then steps 0..i of
     its own chain. With C = 0, i = k-2 it is also the chain part of the teacher's target mask
     (M rows per step, all steps)."""
-    M = anchors.numel()
-    eye = torch.eye(M, dtype=torch.bool)
+    M, dev = anchors.numel(), anchors.device
+    eye = torch.eye(M, dtype=torch.bool, device=dev)
     if C == 0:   # the teacher's target pass: rows (step s, anchor m) see (s' <= s, m)
-        s = torch.arange(i + 1)
+        s = torch.arange(i + 1, device=dev)
         return ((s[:, None, None, None] >= s[None, None, :, None]) & eye[None, :, None, :]
                 ).reshape(1, 1, (i + 1) * M, (i + 1) * M)
-    ctx = torch.arange(C - 1)[None] < anchors[:, None]
+    ctx = torch.arange(C - 1, device=dev)[None] < anchors[:, None]
     return torch.cat([ctx] + [eye] * (i + 1), 1)[None, None]
 
 

@@ -75,15 +75,16 @@ def window_ids(tokens: TokenFile, spec: CacheSpec) -> torch.Tensor:
 @torch.inference_mode()
 def teacher_targets(teacher: Transformer, x: torch.Tensor, top_n: int, bf16: bool = False
                     ) -> dict[str, torch.Tensor]:
-    """x (S, T) -> the cache fields for these windows (see the module docstring)."""
+    """x (S, T) -> the cache fields for these windows (see the module docstring), on the CPU
+    whatever the teacher's device."""
     ctx = (torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if bf16
            else contextlib.nullcontext())
     with ctx:
         h = teacher(x, return_hidden=True)
         logits = teacher.output(h)
     lp, ids = logits.float().log_softmax(-1).topk(min(top_n, logits.shape[-1]), dim=-1)
-    return {"tokens": x.to(torch.int32), "feature": h.to(torch.float16),
-            "top_lp": lp.to(torch.float16), "top_ids": ids.to(torch.int32)}
+    return {"tokens": x.to("cpu", torch.int32), "feature": h.to("cpu", torch.float16),
+            "top_lp": lp.to("cpu", torch.float16), "top_ids": ids.to("cpu", torch.int32)}
 
 
 def build_teacher_cache(teacher: Transformer, spec: CacheSpec, out: str | Path, *,
@@ -95,9 +96,12 @@ def build_teacher_cache(teacher: Transformer, spec: CacheSpec, out: str | Path, 
     Under torchrun (training/distributed.py) rank r of N computes the shards i with
     i % N == r, so each shard is computed once; rank 0 marks the manifest complete when every
     rank is done, and the files are those a one-process build writes. The manifest's cpu_s
-    sums the ranks' CPU seconds (a killed multi-process build keeps only the earlier runs')."""
+    sums the ranks' CPU seconds (a killed multi-process build keeps only the earlier runs').
+    A CUDA teacher is moved to this rank's GPU (cuda:LOCAL_RANK); shards are saved from
+    host memory."""
     out = Path(out)
-    ctx, _ = distributed.setup(str(teacher.tok_embeddings.weight.device))
+    ctx, device = distributed.setup(str(teacher.tok_embeddings.weight.device))
+    teacher.to(device)
     manifest = out / MANIFEST
     old = load_json(manifest) if manifest.is_file() else None
     distributed.barrier()        # every rank has read the manifest before rank 0 rewrites it
@@ -111,7 +115,6 @@ def build_teacher_cache(teacher: Transformer, spec: CacheSpec, out: str | Path, 
         atomic_write_json(manifest, {"spec": asdict(spec), "complete": False})
     tokens = TokenFile(spec.tokens)
     ids = window_ids(tokens, spec)
-    device = teacher.tok_embeddings.weight.device
     mine = range(ctx.rank, spec.num_shards, ctx.world)
     todo = [i for i in mine if not shard_path(out, i).is_file()]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="teacher cache",
@@ -136,8 +139,8 @@ def build_teacher_cache(teacher: Transformer, spec: CacheSpec, out: str | Path, 
                                          "cpu_s": prior + cpu})
         bar.update(1)
     bar.close()
-    cpu = prior + distributed.total(cpu)
-    complete = distributed.maximum(float(stopped)) == 0
+    cpu = prior + distributed.total(cpu, device)      # (nccl reduces device tensors only)
+    complete = distributed.maximum(float(stopped), device) == 0
     with distributed.main_first() as main:       # the others wait until the manifest is final
         if main:
             atomic_write_json(manifest, {"spec": asdict(spec), "complete": complete,
