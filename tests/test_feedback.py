@@ -172,6 +172,23 @@ def test_draft_vocabulary_maps_back_to_full_ids():
                 assert allowed[toks[j]]
 
 
+def test_draft_head_is_kept_and_remade_when_the_head_changes():
+    teacher = tiny_teacher(vocab=20)
+    student = tiny_student(teacher, draft_vocab_size=5)
+    with torch.inference_mode():
+        first = student.head_weight()
+    assert torch.equal(first, teacher.output.weight[student.draft_ids])
+    assert student.head_weight() is first                     # kept between calls
+    h = torch.randn(2, teacher.config.dim, requires_grad=True)
+    student.draft_logits(h).sum().backward()                  # made in inference mode, still usable
+    assert h.grad is not None
+    with torch.no_grad():
+        teacher.output.weight.mul_(2)                         # an in-place change of the head
+    assert torch.equal(student.head_weight(), teacher.output.weight[student.draft_ids])
+    student.double()
+    assert student.head_weight().dtype == torch.float64
+
+
 def test_save_load_round_trip(tmp_path):
     teacher = tiny_teacher(vocab=20)
     tdir = save_model(teacher, tmp_path / "teacher")

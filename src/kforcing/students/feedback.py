@@ -191,9 +191,19 @@ class FeedbackStudent(nn.Module):
         return self.teacher.norm(x)
 
     def head_weight(self) -> torch.Tensor:
-        """(V or N, D): the teacher's output head, restricted to the draft vocabulary."""
+        """(V or N, D): the teacher's output head, restricted to the draft vocabulary. The
+        restricted copy is kept between calls (gathering N rows of a large head on every draft
+        step cost more than the step itself) and remade when the head or the ids change."""
         w = self.teacher.output.weight
-        return w if self.draft_ids is None else w[self.draft_ids]
+        if self.draft_ids is None:
+            return w
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self.draft_ids.data_ptr())
+        if getattr(self, "_head_key", None) != key:
+            with torch.inference_mode(False), torch.no_grad():
+                head = w[self.draft_ids]          # a normal tensor: training may use it too
+            object.__setattr__(self, "_head", head)
+            object.__setattr__(self, "_head_key", key)
+        return self._head
 
     def draft_logits(self, feature: torch.Tensor) -> torch.Tensor:
         """feature (..., D) -> q's logits over the draft vocabulary (..., N), or the full one."""
