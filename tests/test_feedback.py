@@ -367,3 +367,10 @@ def test_training_stages_run_and_resume_exactly(saved_tiny_model, tiny_corpus, t
 def _records(run):
     return [r for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text()
                         .splitlines()) if "loss" in r]
+
+
+def test_draft_head_of_a_student_loaded_in_inference_mode():
+    with torch.inference_mode():
+        teacher = tiny_teacher(vocab=20)
+        student = tiny_student(teacher, draft_vocab_size=5)
+        assert torch.equal(student.head_weight(), teacher.output.weight[student.draft_ids])

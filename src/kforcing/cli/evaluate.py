@@ -40,6 +40,7 @@ from kforcing.evaluation.chat import (
 from kforcing.evaluation.evaluate import EvalConfig, evaluate
 from kforcing.evaluation.match import build_match_set, match_rates
 from kforcing.evaluation.quality import load_judge
+from kforcing.evaluation.roofline import DTYPES, dtype_of
 from kforcing.io.checkpoint import (
     atomic_write_json,
     load_model,
@@ -155,6 +156,8 @@ def cmd_eval_chat(args) -> None:
     student = (load_feedback(args.student, device=args.device, teacher=teacher)
                if info.layout == "feedback" else load_student(args.student, device=args.device))
     check_chat_student(student)
+    dtype = dtype_of(args.dtype)
+    student, teacher = student.to(dtype), teacher.to(dtype)   # a feedback student moves its own
     tok = load_tokenizer(tokenizer_path(teacher_path))
     if tok.get_vocab_size() > teacher.config.vocab_size:
         raise KForcingError(f"the tokenizer of {teacher_path} has {tok.get_vocab_size()} tokens "
@@ -188,7 +191,7 @@ def chat_command(args) -> str:
     """The command line that reproduces this chat evaluation (recorded in its outputs)."""
     parts = ["kforcing", "eval-chat", "--student", args.student]
     for name in ("teacher", "prompts", "limit", "k", "new_tokens", "tau", "seed", "repeats",
-                 "samples", "out", "cores", "device"):
+                 "samples", "out", "cores", "device", "dtype"):
         v = getattr(args, name)
         if v is not None:
             parts += ["--" + name.replace("_", "-"), str(v)]
@@ -280,6 +283,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--cores", help="pin the process to these cores (e.g. 0 or 0-3) before "
                     "anything runs; the result records the load average either way")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                    help="weights and activations of the teacher and the draft, in all three "
+                    "methods (default: %(default)s)")
     device_flag(sp)
     sp.set_defaults(run=cmd_eval_chat)
 

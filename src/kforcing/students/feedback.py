@@ -197,7 +197,8 @@ class FeedbackStudent(nn.Module):
         w = self.teacher.output.weight
         if self.draft_ids is None:
             return w
-        key = (w.data_ptr(), w._version, w.dtype, w.device, self.draft_ids.data_ptr())
+        version = None if w.is_inference() else w._version   # inference tensors have none
+        key = (w.data_ptr(), version, w.dtype, w.device, self.draft_ids.data_ptr())
         if getattr(self, "_head_key", None) != key:
             with torch.inference_mode(False), torch.no_grad():
                 head = w[self.draft_ids]          # a normal tensor: training may use it too
