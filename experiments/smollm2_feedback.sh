@@ -2,7 +2,7 @@
 # SmolLM2-135M-Instruct -> a shareable token-feedback student on a CPU (docs/TEACHERS.md).
 # Usage: experiments/smollm2_feedback.sh [OUT]        (default runs/smollm2-fb)
 # Env: CONVERSATIONS (default 2400: ~1,700 kept, ~430k training tokens), S1_MIN (stage k=1
-# CPU-minutes, default 25), K2_MIN (self-forcing k=2, default 0 = skipped), THREADS (default 1),
+# CPU-minutes, default 25), K2_MIN (self-forcing k=2, default 8; 0 skips it), THREADS (default 1),
 # KF (the kforcing command). Every step is cached or resumable: rerun the same line to continue.
 set -euo pipefail
 OUT=${1:-runs/smollm2-fb}
@@ -24,10 +24,10 @@ DATA=$("$KF" data chat --teacher "$TEACHER" --conversations "${CONVERSATIONS:-24
   --cache-windows 4096 --time-budget-min "${S1_MIN:-25}" --eval-every-min 6 --eval-windows 64 \
   --threads "$THREADS" --quiet $(resume "$OUT/k1")
 # 4. optional self-forcing k=2: the draft on its own sampled tokens, teacher targets along them
-if [ "${K2_MIN:-0}" != 0 ]; then
+if [ "${K2_MIN:-8}" != 0 ]; then
   "$KF" distill --design feedback --teacher "$TEACHER" --data "$DATA" --k 2 --init "$OUT/k1" \
     --out "$OUT/k2" --batch-size 8 --anchors 32 --lr 1e-3 --bf16 --draft-bf16 \
-    --time-budget-min "$K2_MIN" --eval-every-min 6 --eval-windows 64 --threads "$THREADS" \
+    --time-budget-min "${K2_MIN:-8}" --eval-every-min 6 --eval-windows 64 --threads "$THREADS" \
     --quiet $(resume "$OUT/k2")
 fi
 echo "done: $OUT"
