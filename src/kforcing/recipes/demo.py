@@ -32,6 +32,7 @@ from kforcing.io.checkpoint import (
 )
 from kforcing.io.hub import TOKENIZER_CONFIG, chat_template, fetch_smollm2, import_teacher
 from kforcing.io.tokenizers import load_tokenizer
+from kforcing.io.tokens import TokenFile
 from kforcing.students.feedback import FeedbackConfig
 from kforcing.students.store import load_student, student_info
 from kforcing.training.chatdata import chat_corpus
@@ -131,10 +132,11 @@ def _train_draft(teacher_dir: Path, out: Path, cache: Path, minutes: float,
 
 
 def _blocks(tokens: Path, block: int) -> int:
-    n = load_json(tokens.with_suffix(".json"))["num_tokens"]
-    if n <= block:
-        raise KForcingError(f"{tokens} holds only {n} tokens: ask for more conversations")
-    return (n - 1) // block
+    n = TokenFile(tokens).num_blocks(block)
+    if n < 1:
+        raise KForcingError(f"{tokens} is shorter than one {block}-token window: ask for more "
+                            "conversations")
+    return n
 
 
 def _compare(kf, teacher_dir: Path, student_dir: Path, out: Path, new_tokens: int,
