@@ -184,6 +184,7 @@ def lossless_verdict(tokens_per_pass: float, lossless_tps: float, ar_tps: float)
                 f"{tokens_per_pass:.2f} tokens on average, because the teacher accepts some of "
                 "the student's proposals")
     return (f"lossless is slower than AR here ({1 / ratio:.1f}x slower): it gained only "
-            f"{tokens_per_pass:.2f} tokens per pass: the student rarely matches its teacher, so "
-            "each teacher pass yields ~1 token and the student's proposals are pure overhead "
-            "(a longer-trained student matches more often: docs/RESULTS.md)")
+            f"{tokens_per_pass:.2f} tokens per pass: the student rarely matches its teacher, "
+            "and a pass that verifies k tokens costs more than a one-token step on this "
+            "machine, so its proposals do not pay for themselves (a longer-trained student "
+            "matches more often: docs/RESULTS.md)")

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from kforcing.core.config import from_dict, load_json
 from kforcing.core.device import check_device
@@ -68,6 +67,7 @@ from kforcing.training.rundir import (
     TRAINER_JSON,
     TRAINER_TENSORS,
     MetricsLog,
+    Progress,
     load_optimizer_tensors,
     optimizer_tensors,
     publish_checkpoint,
@@ -440,8 +440,9 @@ class FeedbackTrainer:
         target = cfg.max_steps if stop_after is None else min(cfg.max_steps,
                                                                self.step + stop_after)
         loss_fn = self.teacher_forced_loss if cfg.k == 1 else self.self_forcing_loss
-        bar = tqdm(total=target, initial=self.step, disable=not (self.progress and self.ctx.main),
-                   desc=f"feedback k={cfg.k}", unit="step", dynamic_ncols=True)
+        bar = Progress(f"feedback k={cfg.k}", max_steps=target, budget_min=cfg.time_budget_min,
+                       step=self.step, minutes=self.cpu_s / 60,
+                       enabled=self.progress and self.ctx.main)
         if self.step == 0:
             self.metrics.append({**self.record(), "val": self.validate()})
         last_eval = self.cpu_s
@@ -467,8 +468,7 @@ class FeedbackTrainer:
                 rec["val"] = self.validate()
                 last_eval = self.cpu_s
             self.metrics.append(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+            bar.update(self.step, self.cpu_s / 60, loss=f"{loss_value:.3f}")
             if self.step % cfg.ckpt_every == 0:
                 self.save()
         bar.close()
