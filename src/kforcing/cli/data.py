@@ -3,7 +3,6 @@ tokenizers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from kforcing.cli.common import (
 )
 from kforcing.core.config import load_json
 from kforcing.errors import KForcingError
+from kforcing.evaluation.chat import load_prompts
 from kforcing.io.cache import cache_dir
 from kforcing.io.checkpoint import load_model, resolve_model_dir
 from kforcing.io.corpora import fetch_brown, load_documents, prepare_corpus, split_documents
@@ -42,29 +42,8 @@ def cmd_prepare(args) -> None:
     print_json({"dir": str(prep.dir), **prep.stats})
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Questions from a .jsonl file (a "prompt" field per line) or a text file (one per line);
-    blank lines are skipped."""
-    path = Path(path)
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = [line.strip() for line in lines]
-    if path.suffix == ".jsonl":
-        prompts = []
-        for i, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise KForcingError(f"{path} line {i} is not JSON") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise KForcingError(f'{path} line {i} has no "prompt" string')
-            prompts.append(row["prompt"])
-    if not prompts:
-        raise KForcingError(f"{path} holds no prompts")
-    return prompts
-
-
 def cmd_chat(args) -> None:
-    prompts = read_prompts(args.prompts) if args.prompts else None
+    prompts = [p.prompt for p in load_prompts(args.prompts)] if args.prompts else None
     teacher_dir = resolve_model_dir(args.teacher)
     teacher = load_model(teacher_dir, device=args.device)
     if args.bf16:

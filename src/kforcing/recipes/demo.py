@@ -32,12 +32,11 @@ from kforcing.io.checkpoint import (
 )
 from kforcing.io.hub import TOKENIZER_CONFIG, chat_template, fetch_smollm2, import_teacher
 from kforcing.io.tokenizers import load_tokenizer
-from kforcing.io.tokens import TokenFile
+from kforcing.recipes.feedback import CacheOptions, run_feedback_stage
 from kforcing.students.feedback import FeedbackConfig
 from kforcing.students.store import load_student, student_info
 from kforcing.training.chatdata import chat_corpus
-from kforcing.training.feedback import FeedbackTrainConfig, FeedbackTrainer
-from kforcing.training.feedback_cache import CacheSpec, build_teacher_cache
+from kforcing.training.feedback import FeedbackTrainConfig
 
 # the chat evaluation set's prompts the demo answers (evaluation/data/chat_prompts.jsonl)
 DEMO_PROMPTS = ("capital-france", "rain-story", "study-tips")
@@ -68,7 +67,7 @@ def run_demo(*, out: str = "runs/demo", cache: str | None = None, minutes: float
     if found is None and not teacher:
         found = next((Path(d) for d in RECIPE_STUDENTS if _trained(d)), None)
     if found is not None:
-        print(f"[1-4/5] student: using {found} (its teacher: {student_info(found).teacher_dir})")
+        print(f"[1-4/5] student: using {found}")
         student_dir = found
     else:
         if teacher:
@@ -108,35 +107,21 @@ def _train_draft(teacher_dir: Path, out: Path, cache: Path, minutes: float,
           "(bf16, cached)")
     corpus = chat_corpus(load_model(teacher_dir, dtype=torch.bfloat16), teacher_dir,
                          cache / "chat", conversations=conversations, batch_size=48)
-    teacher = load_model(teacher_dir)
     stats = load_json(corpus / "corpus.json")
     print(f"      {stats['conversations']} conversations, {stats['tokens']['train']} training "
           f"tokens in {corpus}")
-    print("[3/5] teacher cache: its features and top-128 next-token log-probabilities")
-    spec = CacheSpec(teacher=str(teacher_dir.resolve()),
-                     tokens=str((corpus / "train.bin").resolve()), block_size=256,
-                     top_n=128, windows=_blocks(corpus / "train.bin", 256), shard_windows=32,
-                     bf16=True)
-    build_teacher_cache(teacher, spec, out / "teacher-cache", batch_size=8)
-    print(f"[4/5] draft: one block, draft vocabulary 8192, {minutes:g} CPU-minutes of "
-          f"teacher-forced training into {run} (rerun to continue)")
+    print(f"[3-4/5] teacher cache (its features and top-128 next-token log-probabilities), "
+          f"then a one-block draft, vocabulary 8192, {minutes:g} CPU-minutes of teacher-forced "
+          f"training into {run} (rerun to continue)")
     cfg = FeedbackTrainConfig(
         teacher=str(teacher_dir), data=str(corpus), out_dir=str(run), k=1,
         cache=str(out / "teacher-cache"),
         student=FeedbackConfig(max_k=4, draft_vocab_size=8192), batch_size=8, lr=2e-3,
         min_lr=2e-4, time_budget_min=minutes, eval_every_min=max(minutes, 1.0),
         eval_windows=16, ckpt_every=50, bf16=True, draft_bf16=True)
-    FeedbackTrainer(cfg, resume=latest.is_file()).fit()
+    run_feedback_stage(cfg, CacheOptions(bf16=True), resume=latest.is_file())
     atomic_write_json(latest, {**load_json(latest), "done": True})
     return run
-
-
-def _blocks(tokens: Path, block: int) -> int:
-    n = TokenFile(tokens).num_blocks(block)
-    if n < 1:
-        raise KForcingError(f"{tokens} is shorter than one {block}-token window: ask for more "
-                            "conversations")
-    return n
 
 
 def _compare(kf, teacher_dir: Path, student_dir: Path, out: Path, new_tokens: int,
