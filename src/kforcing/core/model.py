@@ -91,12 +91,31 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
+    def attend_each(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+        """Like attend, for the last T of S slots, but each query alone over exactly the slots
+        it may see (the first S - T + i + 1): the kernel call a one-token step makes, so a
+        query's result does not depend on how many tokens share the pass (see Transformer)."""
+        B, _, T, _ = q.shape
+        S = k.shape[2]
+        gqa = self.n_kv_head != self.n_head
+        ys = []
+        for i in range(T):
+            n = S - T + i + 1
+            m = None if mask is None else mask[..., i:i + 1, :n]
+            ys.append(F.scaled_dot_product_attention(q[:, :, i:i + 1], k[:, :, :n], v[:, :, :n],
+                                                     attn_mask=m, enable_gqa=gqa))
+        y = torch.cat(ys, 2)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None, store: bool = True
-                ) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None, store: bool = True,
+                per_query: bool = False) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v, store)                       # (B, Hkv, S, D)
+            if per_query and x.shape[1] > 1:
+                return self.attend_each(q, k, v, mask)
         # No mask and no cache means plain causal training; with a cache and T == 1 the new
         # token sees every cached slot, so no mask is needed either
         return self.attend(q, k, v, mask, is_causal=mask is None and cache is None
@@ -124,8 +143,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, cache, store=True):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, store))
+    def forward(self, x, cos, sin, mask, cache, store=True, per_query=False):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, store, per_query))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -185,7 +204,8 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, commit: int | None = None,
-                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+                last_only: bool = False, return_hidden: bool = False,
+                per_query: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with last_only, or final hidden states with return_hidden.
 
         idx (B, T) token ids, or embeds (B, T, dim) input vectors (K-Forcing noise tokens).
@@ -193,6 +213,12 @@ class Transformer(nn.Module):
         mask bool (B or 1, 1 or H, T, S), True = attend, S = cached slots + T.
         With a cache, all T tokens' K/V are written but only the first `commit` (default T)
         are kept; commit=0 writes nothing at all (the pass only reads the cache).
+
+        per_query (with a cache): each of the T tokens attends alone over the slots it may see,
+        exactly as T one-token steps would. Every other op of a block acts row by row, so where
+        the matmul kernels are batch-invariant (measured: bf16 on CPU for up to 32 rows, see
+        docs/METHOD.md section 9) the pass then gives bit for bit the logits of T steps: what
+        lossless verification needs to reproduce AR sampling exactly.
         """
         x = self.tok_embeddings(idx) if embeds is None else embeds
         B, T, _ = x.shape
@@ -204,7 +230,8 @@ class Transformer(nn.Module):
         if input_pos.dim() == 1:
             input_pos = input_pos.unsqueeze(0).expand(B, T)
         cos, sin = self.rope(input_pos)
-        if mask is None and cache is not None and (T > 1 or cache.has_padding):
+        # per_query over an unpadded cache: each query slices its own slots, as a step would
+        if mask is None and cache is not None and (cache.has_padding or (T > 1 and not per_query)):
             valid = cache.valid[:, :past + T] if cache.has_padding else None
             mask = causal_mask(T, past, valid, device=x.device)
         if mask is not None and mask.dim() == 3:
@@ -216,7 +243,7 @@ class Transformer(nn.Module):
                 # recompute the block's activations in backward: memory O(1 block) per layer
                 x = checkpoint(layer, x, cos, sin, mask, cache, store, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, store)
+                x = layer(x, cos, sin, mask, cache, store, per_query)
         if cache is not None:
             cache.commit(T if commit is None else commit)
         if last_only:

@@ -12,6 +12,9 @@ cache) and gives features and logits at each of them.
   first disagreement (or after the last proposal) becomes the next `first`. Rejected slots are
   masked out of the cache. Every emitted token is the teacher's token under the same noise, so
   the output is token-identical to seeded AR sampling with the same sampler and NoiseStream.
+  The verification pass attends query by query (Transformer.forward's per_query), and a batch
+  of one is rolled back rather than masked, so it repeats AR's arithmetic exactly where the
+  matmuls are batch-invariant (bf16 on CPU): identical bit for bit, not only up to rounding.
 
 After each pass the draft re-reads the committed positions with the teacher's real features,
 (feature at slot j, token after it), which both replaces its speculative entries and gives the
@@ -76,6 +79,16 @@ def _leading(ok: torch.Tensor) -> torch.Tensor:
     return ok.long().cumprod(1).sum(1)
 
 
+def _drop_rejected(cache: KVCache, start: int, a: torch.Tensor, ar_k: torch.Tensor) -> None:
+    """Take the slots after each row's accepted prefix (of the window at `start`) out of the
+    teacher's cache. Where every row kept as many, roll the cache back: it stays contiguous,
+    as an AR cache is, and with per-query attention the next pass then computes bit for bit
+    what AR steps would (where the kernels are batch-invariant). Otherwise mask them out."""
+    if not cache.has_padding and bool((a == a[0]).all()):
+        cache.truncate(start + int(a[0]) + 1)
+    else:
+        cache.valid[:, start:start + len(ar_k)] &= ar_k[None] <= a[:, None]
+        cache.has_padding = True
 
 
 def _prefill(student: FeedbackStudent, t_cache: KVCache, d_cache: KVCache, ids: torch.Tensor,
@@ -149,13 +162,13 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         zpos = p[:, None] + ar_k
         start = t_cache.length
         t_cache.mark_padding(active[:, None].expand(B, k))
-        F = teacher(z, input_pos=zpos, cache=t_cache, return_hidden=True)     # (B, k, D)
+        F = teacher(z, input_pos=zpos, cache=t_cache, return_hidden=True,
+                    per_query=mode == "lossless")                             # (B, k, D)
         windows += 1
         if mode == "lossless":
             t = sample(teacher.output(F), G, sampling)          # teacher's token after slot j
             a = _leading(z[:, 1:] == t[:, :-1])                 # accepted proposals, [0, k-1]
-            t_cache.valid[:, start:start + k] &= ar_k[None] <= a[:, None]
-            t_cache.has_padding = True
+            _drop_rejected(t_cache, start, a, ar_k)
         else:
             t_last = sample(teacher.output(F[:, -1]), G[:, -1], sampling)
             t = torch.cat([z[:, 1:], t_last[:, None]], 1)
