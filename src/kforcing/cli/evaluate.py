@@ -28,6 +28,7 @@ from kforcing.cli.common import (
     student_tokenizer,
     temperatures,
 )
+from kforcing.core.device import DECODE_DTYPES, decode_dtype
 from kforcing.errors import KForcingError
 from kforcing.evaluation.bench_machine import parse_cores, pin_cores
 from kforcing.evaluation.chat import (
@@ -40,7 +41,6 @@ from kforcing.evaluation.chat import (
 from kforcing.evaluation.evaluate import EvalConfig, evaluate
 from kforcing.evaluation.match import build_match_set, match_rates
 from kforcing.evaluation.quality import load_judge
-from kforcing.evaluation.roofline import DTYPES, dtype_of
 from kforcing.io.checkpoint import (
     atomic_write_json,
     load_model,
@@ -156,7 +156,7 @@ def cmd_eval_chat(args) -> None:
     student = (load_feedback(args.student, device=args.device, teacher=teacher)
                if info.layout == "feedback" else load_student(args.student, device=args.device))
     check_chat_student(student)
-    dtype = dtype_of(args.dtype)
+    dtype = decode_dtype(args.dtype, args.device)
     student, teacher = student.to(dtype), teacher.to(dtype)   # a feedback student moves its own
     tok = load_tokenizer(tokenizer_path(teacher_path))
     if tok.get_vocab_size() > teacher.config.vocab_size:
@@ -283,9 +283,10 @@ def add_parser(sub) -> None:
     sp.add_argument("--cores", help="pin the process to these cores (e.g. 0 or 0-3) before "
                     "anything runs; the result records the load average either way")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+    sp.add_argument("--dtype", choices=DECODE_DTYPES, default="fp32",
                     help="weights and activations of the teacher and the draft, in all three "
-                    "methods (default: %(default)s)")
+                    "methods; auto: bf16 where the hardware has native bf16 matmuls (AVX512-BF16, "
+                    "AMX, a bf16 GPU), else fp32 (default: %(default)s)")
     device_flag(sp)
     sp.set_defaults(run=cmd_eval_chat)
 

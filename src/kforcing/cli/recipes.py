@@ -12,6 +12,7 @@ from kforcing.cli.common import (
     path,
     positive,
 )
+from kforcing.core.device import DECODE_DTYPES
 from kforcing.evaluation.bench import command_line, parse_tokens_at
 from kforcing.recipes.demo import run_demo
 from kforcing.recipes.reproduce import ReproduceConfig, run_reproduce
@@ -20,7 +21,7 @@ from kforcing.recipes.reproduce import ReproduceConfig, run_reproduce
 def cmd_demo(args) -> None:
     run_demo(minutes=args.minutes, conversations=args.conversations, teacher=args.teacher,
              student=args.student, out=args.out, cache=args.cache, new_tokens=args.new_tokens,
-             k=args.k)
+             k=args.k, dtype=args.dtype)
 
 
 # flags of `kforcing reproduce` that set a ReproduceConfig field of the same name, with a type
@@ -65,6 +66,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--out", type=path, default=default_of(run_demo, "out"))
     sp.add_argument("--new-tokens", type=count, default=default_of(run_demo, "new_tokens"))
     sp.add_argument("--k", type=count, default=default_of(run_demo, "k"))
+    sp.add_argument("--dtype", choices=DECODE_DTYPES, default=default_of(run_demo, "dtype"),
+                    help="of the comparison; auto: bf16 where the hardware has native bf16 "
+                    "matmuls, else fp32 (default: %(default)s)")
     cache_flag(sp)
     sp.set_defaults(run=cmd_demo)
 

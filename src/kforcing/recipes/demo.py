@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from kforcing.core.config import load_json
+from kforcing.core.device import decode_dtype
 from kforcing.errors import KForcingError
 from kforcing.evaluation.chat import ChatEvalConfig, chat_eval, load_prompts
+from kforcing.evaluation.roofline import dtype_name
 from kforcing.io.cache import cache_dir
 from kforcing.io.checkpoint import (
     CONFIG_FILE,
@@ -48,11 +50,13 @@ RECIPE_STUDENTS = ("runs/smollm2-fb/k2", "runs/smollm2-fb/k1")
 
 def run_demo(*, out: str = "runs/demo", cache: str | None = None, minutes: float = 4.0,
              conversations: int = 192, teacher: str | None = None, student: str | None = None,
-             new_tokens: int = 128, k: int = 4) -> dict:
+             new_tokens: int = 128, k: int = 4, dtype: str = "auto") -> dict:
     """Run (or resume) the demo; returns its summary (also written to <out>/demo.json).
     teacher: an imported instruct model directory to use instead of SmolLM2. student: a
     feedback student to compare instead of training the demo's own (default: the full
-    recipe's, when runs/smollm2-fb holds one)."""
+    recipe's, when runs/smollm2-fb holds one). dtype: of the comparison (core.device.
+    decode_dtype; auto = bf16 where the hardware has native bf16 matmuls)."""
+    dt = decode_dtype(dtype)
     # the paths the user named are checked before anything is downloaded or trained
     if teacher:
         teacher_dir = resolve_model_dir(teacher)
@@ -85,7 +89,7 @@ def run_demo(*, out: str = "runs/demo", cache: str | None = None, minutes: float
         raise KForcingError(f"{student_dir} is not a token-feedback student with a recorded "
                             "teacher: the demo compares one (`kforcing distill --design "
                             "feedback`)")
-    return _compare(load_student(student_dir), info.teacher_dir, student_dir, out_dir,
+    return _compare(load_student(student_dir).to(dt), info.teacher_dir, student_dir, out_dir,
                     new_tokens, k)
 
 
@@ -129,8 +133,9 @@ def _compare(kf, teacher_dir: Path, student_dir: Path, out: Path, new_tokens: in
     prompts = [p for p in load_prompts() if p.id in DEMO_PROMPTS]
     tok = load_tokenizer(teacher_dir / TOKENIZER_FILE)
     tok_cfg = load_json(teacher_dir / TOKENIZER_CONFIG)
+    dtype = dtype_name(kf.teacher.output.weight.dtype)
     print(f"[5/5] {len(prompts)} chat prompts at batch 1, temperature 1, up to {new_tokens} "
-          f"tokens: AR (the teacher), lossless and K-Forcing k={k} ({student_dir})")
+          f"tokens, {dtype}: AR (the teacher), lossless and K-Forcing k={k} ({student_dir})")
     res = chat_eval(kf, tok, tok_cfg, prompts,
                     ChatEvalConfig(k=k, new_tokens=new_tokens, samples=len(prompts),
                                    sample_chars=10_000))
@@ -147,7 +152,7 @@ def _compare(kf, teacher_dir: Path, student_dir: Path, out: Path, new_tokens: in
           f"{'identical' if chat['lossless_identical'] else 'NOT identical'} answers); "
           f"K-Forcing {kfm:.1f} tokens/s ({kfm / ar_s:.2f}x)")
     print(f"  {lossless_verdict(chat['lossless']['tokens_per_pass'], ll, ar_s)}")
-    summary = {"teacher": str(teacher_dir), "student": str(student_dir), "k": k,
+    summary = {"teacher": str(teacher_dir), "student": str(student_dir), "k": k, "dtype": dtype,
                "new_tokens": new_tokens, "busy": res.eval["busy"],
                "ar_tokens_per_s": round(ar_s, 2), "lossless_tokens_per_s": round(ll, 2),
                "kforcing_tokens_per_s": round(kfm, 2),
