@@ -1,39 +1,27 @@
 """Per-query verification (Transformer.forward(per_query=True)): a k-token pass over a KV cache
-computes what k one-token steps compute. In fp32 that holds up to rounding. In bf16, on a CPU whose
-matmul kernels give a row the same result whatever the number of rows (probed first; the tests
-skip where they do not), it holds bit for bit, and then lossless decoding with a feedback student
-reproduces bf16 AR sampling exactly at batch 1."""
+computes what k one-token steps compute. In fp32 that holds up to rounding. In bf16, on a CPU
+whose matmul kernels give a row the same bits whatever the number of rows (decoding.feedback.
+batch_invariant, probed first; the tests skip where it is False), it holds bit for bit, and then
+lossless decoding with a feedback student reproduces bf16 AR sampling exactly at batch 1."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-import torch.nn.functional as F
 from test_feedback import OracleFeedback, tiny_student, tiny_teacher
 
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
-from kforcing.decoding.feedback import generate_feedback
+from kforcing.decoding.feedback import batch_invariant, generate_feedback
 from kforcing.students.feedback import FeedbackStudent
 
 
-def bf16_matmul_is_batch_invariant(dims: list[tuple[int, int]], rows: int = 8) -> bool:
-    """Whether F.linear in bf16 gives every row the bits it gets alone, for these weight shapes."""
-    g = torch.Generator().manual_seed(0)
-    for n, d in dims:
-        w = torch.randn(n, d, generator=g).bfloat16()
-        x = torch.randn(rows, d, generator=g).bfloat16()
-        y = F.linear(x, w)
-        if not all(torch.equal(y[i], F.linear(x[i:i + 1], w)[0]) for i in range(rows)):
-            return False
-    return True
-
-
-def _shapes(model) -> list[tuple[int, int]]:
-    return sorted({tuple(m.weight.shape) for m in model.modules()
-                   if isinstance(m, torch.nn.Linear)})
+def bf16_invariant(model) -> bool:
+    return batch_invariant(copy.deepcopy(model).to(torch.bfloat16), 8)
 
 
 @torch.inference_mode()
@@ -75,7 +63,7 @@ def test_per_query_pass_equals_single_steps_fp32(prompts):
                          ids=["one-row", "ragged"])
 def test_per_query_pass_is_single_steps_bit_for_bit_in_bf16(prompts):
     model = tiny_teacher(vocab=40)
-    if not bf16_matmul_is_batch_invariant(_shapes(model)):
+    if not bf16_invariant(model):
         pytest.skip("this CPU's bf16 matmul is not batch-invariant")
     new = [[7, 8, 9, 10]] * len(prompts)
     (steps, window), (c1, c2) = steps_vs_window(model, prompts, new, torch.bfloat16)
@@ -89,7 +77,7 @@ def test_bf16_lossless_at_batch_1_is_bf16_ar(oracle):
     """Over long answers a single differing bit would flip some Gumbel argmax sooner or later:
     the tokens are equal because the logits are."""
     teacher = tiny_teacher(vocab=40)
-    if not bf16_matmul_is_batch_invariant(_shapes(teacher)):
+    if not bf16_invariant(teacher):
         pytest.skip("this CPU's bf16 matmul is not batch-invariant")
     student = tiny_student(teacher, cls=OracleFeedback if oracle else FeedbackStudent
                            ).to(torch.bfloat16)

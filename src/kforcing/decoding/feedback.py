@@ -12,9 +12,10 @@ cache) and gives features and logits at each of them.
   first disagreement (or after the last proposal) becomes the next `first`. Rejected slots are
   masked out of the cache. Every emitted token is the teacher's token under the same noise, so
   the output is token-identical to seeded AR sampling with the same sampler and NoiseStream.
-  The verification pass attends query by query (Transformer.forward's per_query), and a batch
-  of one is rolled back rather than masked, so it repeats AR's arithmetic exactly where the
-  matmuls are batch-invariant (bf16 on CPU): identical bit for bit, not only up to rounding.
+  At batch 1, where the teacher's matmuls are batch-invariant (batch_invariant: bf16 on CPUs
+  with AMX or AVX512-BF16), the verification pass also attends query by query (Transformer.
+  forward's per_query) and rejected slots are rolled back rather than masked, so it repeats AR's
+  arithmetic exactly: identical bit for bit, not only up to rounding.
 
 After each pass the draft re-reads the committed positions with the teacher's real features,
 (feature at slot j, token after it), which both replaces its speculative entries and gives the
@@ -27,9 +28,11 @@ every row, and slots that a row rejected (or that belong to a finished row) are 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.noise import NoiseStream
@@ -77,6 +80,31 @@ def _noise(stream: NoiseStream, index: torch.Tensor, sampling: SamplingConfig, V
 
 def _leading(ok: torch.Tensor) -> torch.Tensor:
     return ok.long().cumprod(1).sum(1)
+
+
+_INVARIANT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def batch_invariant(model: torch.nn.Module, rows: int) -> bool:
+    """Whether every linear layer of `model` gives each of `rows` rows the bits it gives that row
+    alone (probed once per model, dtype and row count on its own weights). True for bf16 on CPUs
+    with AMX / AVX512-BF16 up to 32 rows; False for fp32 there (a one-row product takes another
+    kernel). Only then does attending per query make a k-token pass repeat k steps exactly."""
+    w0 = next(model.parameters())
+    key = (w0.dtype, w0.device, rows)
+    known = _INVARIANT.setdefault(model, {})
+    if key not in known:
+        g = torch.Generator(device=w0.device).manual_seed(0)
+        shapes = {m.weight.shape: m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+        known[key] = True
+        for w in shapes.values():
+            x = torch.randn(rows, w.shape[1], generator=g, device=w.device).to(w.dtype)
+            y = torch.nn.functional.linear(x, w)
+            if not all(torch.equal(y[i], torch.nn.functional.linear(x[i:i + 1], w)[0])
+                       for i in range(rows)):
+                known[key] = False
+                break
+    return known[key]
 
 
 def _drop_rejected(cache: KVCache, start: int, a: torch.Tensor, ar_k: torch.Tensor) -> None:
@@ -142,6 +170,8 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
     sync = sync_fn(device)
     streamer = Streamer(on_tokens, B, max_new_tokens, eos)
 
+    # one row's lossless windows can repeat AR's arithmetic exactly (module docstring)
+    per_query = mode == "lossless" and B == 1 and batch_invariant(teacher, k)
     t0 = time.perf_counter()
     first, h, _ = _prefill(student, t_cache, d_cache, ids, valid, pos, noise, sampling)
     sync()
@@ -163,7 +193,7 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         start = t_cache.length
         t_cache.mark_padding(active[:, None].expand(B, k))
         F = teacher(z, input_pos=zpos, cache=t_cache, return_hidden=True,
-                    per_query=mode == "lossless")                             # (B, k, D)
+                    per_query=per_query)                                      # (B, k, D)
         windows += 1
         if mode == "lossless":
             t = sample(teacher.output(F), G, sampling)          # teacher's token after slot j
