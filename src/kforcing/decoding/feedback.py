@@ -107,13 +107,15 @@ def batch_invariant(model: torch.nn.Module, rows: int) -> bool:
     return known[key]
 
 
-def _drop_rejected(cache: KVCache, start: int, a: torch.Tensor, ar_k: torch.Tensor) -> None:
+def _drop_rejected(cache: KVCache, start: int, a: torch.Tensor, ar_k: torch.Tensor,
+                   same: int | None) -> None:
     """Take the slots after each row's accepted prefix (of the window at `start`) out of the
-    teacher's cache. Where every row kept as many, roll the cache back: it stays contiguous,
-    as an AR cache is, and with per-query attention the next pass then computes bit for bit
-    what AR steps would (where the kernels are batch-invariant). Otherwise mask them out."""
-    if not cache.has_padding and bool((a == a[0]).all()):
-        cache.truncate(start + int(a[0]) + 1)
+    teacher's cache. Where every active row kept as many (`same`), roll the cache back: it
+    stays contiguous, as an AR cache is, and with per-query attention the next pass then
+    computes bit for bit what AR steps would (where the kernels are batch-invariant).
+    Otherwise mask them out."""
+    if same is not None:
+        cache.truncate(start + same + 1)
     else:
         cache.valid[:, start:start + len(ar_k)] &= ar_k[None] <= a[:, None]
         cache.has_padding = True
@@ -198,11 +200,16 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         if mode == "lossless":
             t = sample(teacher.output(F), G, sampling)          # teacher's token after slot j
             a = _leading(z[:, 1:] == t[:, :-1])                 # accepted proposals, [0, k-1]
-            _drop_rejected(t_cache, start, a, ar_k)
         else:
             t_last = sample(teacher.output(F[:, -1]), G[:, -1], sampling)
             t = torch.cat([z[:, 1:], t_last[:, None]], 1)
             a = torch.full_like(n, k - 1)
+        # where every active row accepted as many (always at batch 1), rejected slots are rolled
+        # back in both caches instead of masked: no padding masks, and AR's cache layout
+        kept = a[active]
+        same = int(kept[0]) if bool((kept == kept[0]).all()) else None
+        if mode == "lossless":
+            _drop_rejected(t_cache, start, a, ar_k, same)
         keep = (ar_k[None] <= a[:, None]) & active[:, None]
         out.scatter_(1, torch.where(keep, n[:, None] + ar_k, dump).clamp(max=dump), z)
         if eos is not None:
@@ -213,7 +220,11 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         if stop is not None:
             done |= stop
         # the draft re-reads what was committed, with the teacher's features
-        if refeed:
+        if refeed and same is not None:     # (finished rows' entries are never read again)
+            d_cache.truncate(spec)
+            h = student.draft(F[:, :same + 1], t[:, :same + 1], zpos[:, :same + 1],
+                              cache=d_cache)[:, -1]
+        elif refeed:
             d_cache.truncate(spec)
             d_cache.mark_padding(keep)
             h = student.draft(F, t, zpos, cache=d_cache)[rows, a]
