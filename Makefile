@@ -31,7 +31,7 @@ lint: $(STAMP)
 DEMO_STUDENT := runs/demo/draft
 bench: $(STAMP)
 	@test -d $(DEMO_STUDENT) || { echo "make bench: no student in $(DEMO_STUDENT): run \`make demo\` first (it trains the draft the benchmark measures)" >&2; exit 1; }
-	$(BIN)/kforcing eval-chat --student $(DEMO_STUDENT) --out runs/demo/bench
+	$(BIN)/kforcing eval-chat --student $(DEMO_STUDENT) --dtype auto --out runs/demo/bench
 
 reproduce: $(STAMP)
 	$(BIN)/kforcing reproduce
