@@ -15,6 +15,10 @@ student holds the draft's weights, its config and the teacher's directory path.
 
 Draft vocabulary (optional): q over the N most frequent corpus token ids only, mapped back to
 full ids (every other token gets probability 0): the output head shrinks from V x dim to N x dim.
+
+Decoding cost: a draft step is one block, the head and a draw, against the teacher's whole
+stack for an AR step. propose() prepares each window's RoPE rows and padding mask once and
+matches the draft() path bit for bit; compile_draft() opts in to one compiled graph per step.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from kforcing.core.config import from_dict, load_json
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.model import Block, RMSNorm, Transformer, causal_mask
-from kforcing.core.sampling import COUPLINGS
+from kforcing.core.sampling import COUPLINGS, SamplingConfig, sample
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import (
     atomic_save_tensors,
@@ -127,6 +131,7 @@ class FeedbackStudent(nn.Module):
             self.register_buffer("draft_ids", draft_ids.clone())
         else:
             self.draft_ids = None
+        self._compiled = None     # compile_draft()
 
     def _init_weights(self) -> None:
         # as the teacher's own init (Transformer._init_weights), except fc: its feature half
@@ -172,8 +177,7 @@ class FeedbackStudent(nn.Module):
         predicts x_{t+2}. With a KVCache all T entries are committed (causal mask, padding
         slots masked out); a GrowingKV or no cache needs `mask` or plain causal attention.
         """
-        emb = self.teacher.tok_embeddings(tokens)
-        x = self.fc(torch.cat([self.feat_norm(feature.to(emb.dtype)), self.tok_norm(emb)], -1))
+        x = self._mix(feature, tokens)
         B, T, _ = x.shape
         cos, sin = self.teacher.rope(pos if pos.dim() == 2 else pos.expand(B, T))
         if mask is None and isinstance(cache, KVCache):
@@ -184,10 +188,20 @@ class FeedbackStudent(nn.Module):
                 mask = causal_mask(T, past, valid, device=x.device)
         if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)
+        return self._blocks(x, cos, sin, mask, cache)
+
+    def _mix(self, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(feature (B, T, D), tokens (B, T)) -> the first block's input (B, T, D)."""
+        emb = self.teacher.tok_embeddings(tokens)
+        return self.fc(torch.cat([self.feat_norm(feature.to(emb.dtype)), self.tok_norm(emb)], -1))
+
+    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | GrowingKV | None) -> torch.Tensor:
+        """The draft's blocks over x (B, T, D), committing T entries, then the final norm."""
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.commit(T)
+            cache.commit(x.shape[1])
         return self.teacher.norm(x)
 
     def head_weight(self) -> torch.Tensor:
@@ -213,7 +227,10 @@ class FeedbackStudent(nn.Module):
     def logits(self, feature: torch.Tensor) -> torch.Tensor:
         """feature (..., D) -> q's logits (..., V) over the full vocabulary (-inf outside the
         draft vocabulary)."""
-        small = self.draft_logits(feature)
+        return self._full(self.draft_logits(feature))
+
+    def _full(self, small: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits (..., N) -> full ones (..., V), -inf elsewhere."""
         if self.draft_ids is None:
             return small
         full = small.new_full((*small.shape[:-1], self.vocab_size), float("-inf"))
@@ -223,20 +240,111 @@ class FeedbackStudent(nn.Module):
         """The k-1 draft steps of a window (see decoding.feedback.Window): returns the proposals
         y_2..y_k (B, k-1) and leaves their logits in window.q_logits (B, k-1, V). Its speculative
         entries in window.draft_cache are rolled back by the caller."""
+        if window.k == 1:
+            return window.first.new_zeros(window.first.shape[0], 0)
+        step = self._stepper(window)
         h, y = window.feature, window.first
         toks, logits = [], []
         for i in range(window.k - 1):
-            if i > 0:   # step i + 2 reads the previous step's output and token
-                h = self.draft(h[:, None], y[:, None], window.pos[:, None] + i - 1,
-                               cache=window.draft_cache)[:, 0]
-            q = self.logits(h)
-            y = window.sample(q, i)
+            if i == 0:
+                q = self.logits(h)
+                y = window.sample(q, 0)
+            else:   # step i + 2 reads the previous step's output and token
+                h, q, y = step(h, y, i)
             toks.append(y)
             logits.append(q)
-        if not toks:
-            return window.first.new_zeros(window.first.shape[0], 0)
         window.q_logits = torch.stack(logits, 1)
         return torch.stack(toks, 1)
+
+    def _stepper(self, window):
+        """Steps i = 1..k-2 of a window as one function (h (B, D), y (B,), i) -> (h, q (B, V),
+        y): draft() with T = 1 at RoPE position pos + i - 1, the head and the draw. The RoPE rows
+        and the padding mask of every step are prepared once per window: at batch 1 the
+        per-step gathers, position check and mask building cost about what the block's matmuls
+        do. With compile_draft() the block, head and draw run as one compiled graph."""
+        cache, n = window.draft_cache, window.k - 2
+        pos = window.pos[:, None] + torch.arange(n, device=window.pos.device)          # (B, n)
+
+        def generic(h, y, i):
+            h = self.draft(h[:, None], y[:, None], pos[:, i - 1:i], cache=cache)[:, 0]
+            q = self.logits(h)
+            return h, q, window.sample(q, i)
+
+        if not isinstance(cache, KVCache):
+            return generic
+        cache.check_room(n)
+        past = cache.length
+        if cache.has_padding and not bool(cache.valid[:, past:past + n].all()):
+            return generic
+        # a one-token step sees every slot up to its own, and its own is valid: the validity
+        # row itself is the mask draft() builds, a view with no per-step work
+        valid = cache.valid[:, None, None] if cache.has_padding else None   # (B, 1, 1, max_len)
+        cos, sin = self.teacher.rope(pos)                                      # (B, 1, n, D)
+        head = self.head_weight()
+        if self._compiled is not None:
+            return self._compiled_stepper(window, cos, sin, head)
+
+        def step(h, y, i):
+            mask = None if valid is None else valid[..., :cache.length + 1]
+            h = self._step(h, y, cos[:, :, i - 1:i], sin[:, :, i - 1:i], mask, cache)
+            q = self._full(F.linear(h, head))
+            return h, q, window.sample(q, i)
+
+        return step
+
+    def _step(self, h: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              mask: torch.Tensor | None, cache: KVCache | GrowingKV) -> torch.Tensor:
+        """One draft step: h (B, D), y (B,) -> h (B, D), one entry committed to the cache."""
+        return self._blocks(self._mix(h[:, None], y[:, None]), cos, sin, mask, cache)[:, 0]
+
+    def _compiled_stepper(self, window, cos, sin, head):
+        """The compiled form of _stepper's step. The graph reads the cache and hands the step's
+        K/V back, written here: an in-place write into a graph input makes the compiled graph
+        copy the whole buffer. The mask is always passed (all true without padding), so one
+        graph serves padded and unpadded caches."""
+        cache = window.draft_cache
+
+        def step(h, y, i):
+            L = cache.length
+            if i == 1:   # a fresh buffer: the window's feature is a view at a varying offset
+                h = h.clone()
+            h, q, y, ks, vs = self._compiled(
+                h, y, cos[:, :, i - 1:i], sin[:, :, i - 1:i], cache.valid[:, None, None, :L + 1],
+                [k[:, :, :L] for k in cache.k], [v[:, :, :L] for v in cache.v], head,
+                window.noise[:, i], window.sampling)
+            for layer, (k, v) in enumerate(zip(ks, vs, strict=True)):
+                cache.k[layer, :, :, L:L + 1] = k
+                cache.v[layer, :, :, L:L + 1] = v
+            cache.commit(1)
+            return h, q, y
+
+        return step
+
+    def _step_and_draw(self, h: torch.Tensor, y: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, mask: torch.Tensor, past_k: list[torch.Tensor],
+                       past_v: list[torch.Tensor], head: torch.Tensor, noise: torch.Tensor,
+                       sampling: SamplingConfig) -> tuple:
+        """What compile_draft compiles: a step over the cached K/V (per layer (B, Hkv, L, D)),
+        its logits (B, V), its token (B,) drawn as Window.sample draws it, and the step's K/V
+        (per layer (B, Hkv, 1, D))."""
+        kv = GrowingKV(len(self.layers))
+        kv.k, kv.v = list(past_k), list(past_v)
+        h = self._step(h, y, cos, sin, mask, kv)
+        q = self._full(F.linear(h, head))
+        return (h, q, sample(q, noise, sampling), [k[:, :, -1:] for k in kv.k],
+                [v[:, :, -1:] for v in kv.v])
+
+    def compile_draft(self, **options) -> FeedbackStudent:
+        """Opt in to compiled draft steps: steps 2..k-1 of a window (block, head, draw) run as one
+        torch.compile graph (CPU: inductor, needs a C++ compiler; options go to torch.compile).
+        The first windows compile (tens of seconds; again for batch 1 and for each sampling
+        setting); the cache length is a dynamic shape, so a growing cache does not recompile.
+        Fused kernels round differently from eager ones, so a proposal can differ in a near-tie:
+        lossless output stays exact (the teacher verifies), K-Forcing output may change. It pays
+        most where the full-vocabulary draw dominates (a draft vocabulary, batch > 1): the
+        graph fuses the scatter, softmax, noise and argmax. Returns self."""
+        self._compiled = torch.compile(self._step_and_draw, dynamic=True, **options)
+        return self
 
 
 # -- on disk -------------------------------------------------------------------------------------
