@@ -12,8 +12,11 @@ Two kinds of noise per token (docs/METHOD.md, "Coupling"):
 - `gumbel`: one standard Gumbel vector over the vocabulary per token, for Gumbel-max sampling
   (token = argmax(log p + g)).
 
-The hash is a few rounds of a 32-bit integer mixer (murmur3's finaliser) on int64 tensors, so
-it runs on any device, in batch, with no generator state to carry or to save.
+The hash is a few rounds of a 32-bit integer mixer (murmur3's finaliser) on int32 tensors that
+hold the 32-bit words' bits (products wrap mod 2^32, right shifts are masked to be logical), so it
+runs on any device, in batch, with no generator state to carry or to save. The words are the same
+as on int64 tensors holding [0, 2^32) (tests/test_fast_paths.py keeps that version as its oracle);
+int32 halves the memory traffic of the (B, W, V) Gumbel hash, and every step is in place.
 """
 
 from __future__ import annotations
@@ -21,26 +24,47 @@ from __future__ import annotations
 import torch
 
 _M32 = 0xFFFFFFFF
+
+
+def _i32(word: int) -> int:
+    """A 32-bit word as the int32 with the same bits."""
+    word &= _M32
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 _GOLDEN = 0x9E3779B1
+_C1, _C2 = _i32(0x85EBCA6B), _i32(0xC2B2AE35)
 _STREAM_U_HI, _STREAM_U_LO, _STREAM_GUMBEL = 0x68E31DA4, 0xB5297A4D, 0x1B56C4E9
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """murmur3 fmix32 on int64 tensors holding values in [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
+def _words(x: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 holding the low 32 bits."""
+    x = x & _M32
+    return (x - ((x >> 31) << 32)).to(torch.int32)
+
+
+def _mix_(x: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """murmur3 fmix32, in place, on an int32 tensor of words; tmp: scratch of x's shape (one
+    buffer for the shifted words rather than a fresh tensor per step: at (B, V) it is faster)."""
+    tmp = torch.empty_like(x) if tmp is None else tmp
+    for shift, mul in ((16, _C1), (13, _C2), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        tmp &= (1 << (32 - shift)) - 1                      # a logical shift
+        x ^= tmp
+        if mul is not None:
+            x *= mul
+    return x
 
 
 def _combine(h: torch.Tensor, v: torch.Tensor | int) -> torch.Tensor:
-    return _mix((h ^ ((v * _GOLDEN) & _M32)) & _M32)
+    """mix(h xor v * golden) on words: h int32, v an int32 tensor or a Python int (a new tensor)."""
+    spread = _i32(v * _GOLDEN) if isinstance(v, int) else v * _i32(_GOLDEN)
+    return _mix_(h ^ spread)
 
 
 def _seed_words(seed: int) -> tuple[int, int]:
     seed = int(seed) & ((1 << 64) - 1)
-    return seed & _M32, seed >> 32
+    return _i32(seed), _i32(seed >> 32)
 
 
 class NoiseStream:
@@ -54,9 +78,11 @@ class NoiseStream:
         lo, hi = zip(*(_seed_words(s) for s in seeds), strict=True) if seeds else ((), ())
         self.seeds = seeds
         self.device = torch.device(device)
-        lo_t, hi_t = torch.tensor(lo, dtype=torch.long), torch.tensor(hi, dtype=torch.long)
-        base = _combine(_mix(lo_t), hi_t)
-        self._base = base.to(self.device)                      # (B,) per-row hash state
+        lo_t, hi_t = torch.tensor(lo, dtype=torch.int32), torch.tensor(hi, dtype=torch.int32)
+        base = _combine(_mix_(lo_t), hi_t).to(self.device)     # (B,) per-row hash state
+        # each noise stream's per-row state, and the vocabulary's spread words per size V
+        self._rows = {s: _combine(base, s) for s in (_STREAM_U_HI, _STREAM_U_LO, _STREAM_GUMBEL)}
+        self._vocab: dict[int, torch.Tensor] = {}
 
     @classmethod
     def from_seed(cls, seed: int, batch_size: int, device: str | torch.device = "cpu"
@@ -76,21 +102,29 @@ class NoiseStream:
         return NoiseStream([self.seeds[i] for i in idx], self.device)
 
     def _token_hash(self, index: torch.Tensor, stream: int) -> torch.Tensor:
-        """index (B, W) token indices -> (B, W) 32-bit hashes."""
-        index = index.to(self.device, torch.long)
-        h = _combine(self._base[:, None].expand_as(index), stream)
-        return _combine(h, index & _M32)
+        """index (B, W) token indices -> (B, W) 32-bit hashes (int32 words)."""
+        index = _words(index.to(self.device, torch.long))
+        return _combine(self._rows[stream][:, None].expand_as(index), index)
 
     def uniforms(self, index: torch.Tensor) -> torch.Tensor:
         """index (B, W) -> (B, W) float64 in [0, 1): token index[b, w]'s uniform for row b."""
-        hi = self._token_hash(index, _STREAM_U_HI) >> 6           # 26 bits
-        lo = self._token_hash(index, _STREAM_U_LO) >> 5           # 27 bits
+        hi = (self._token_hash(index, _STREAM_U_HI) >> 6).long() & ((1 << 26) - 1)   # 26 bits
+        lo = (self._token_hash(index, _STREAM_U_LO) >> 5).long() & ((1 << 27) - 1)   # 27 bits
         return (hi * (1 << 27) + lo).double() / float(1 << 53)
 
-    def gumbel(self, index: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """index (B, W) -> (B, W, V) float32 standard Gumbel noise."""
+    def gumbel(self, index: torch.Tensor, vocab_size: int, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """index (B, W) -> (B, W, V) float32 standard Gumbel noise, written into `out` when given
+        (a decoder that draws a vector per step reuses one buffer: fresh (B, V) tensors cost
+        page faults on a busy machine)."""
         h = self._token_hash(index, _STREAM_GUMBEL)                              # (B, W)
-        v = torch.arange(vocab_size, device=self.device, dtype=torch.long)
-        bits = _combine(h[..., None], v)                                         # (B, W, V)
-        u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))                      # (0, 1)
-        return -torch.log(-torch.log(u))
+        if vocab_size not in self._vocab:
+            v = torch.arange(vocab_size, device=self.device, dtype=torch.long)
+            self._vocab[vocab_size] = _words(v) * _i32(_GOLDEN)                  # (V,)
+        g = torch.empty((*h.shape, vocab_size), device=self.device) if out is None else out
+        # g's memory is the hash's scratch, then holds the noise
+        bits = _mix_(h[..., None] ^ self._vocab[vocab_size], tmp=g.view(torch.int32))
+        bits >>= 8
+        bits &= 0xFFFFFF                                                         # 24 bits
+        g.copy_(bits).add_(0.5).mul_(1.0 / (1 << 24))                            # (0, 1)
+        return g.log_().neg_().log_().neg_()                                     # -log(-log u)

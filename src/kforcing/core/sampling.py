@@ -56,7 +56,8 @@ def probs_from_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor
     logits = logits.float()
     if cfg.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / cfg.temperature
+    if cfg.temperature != 1.0:        # x / 1 == x exactly: skip a pass over (..., V)
+        logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -91,8 +92,16 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, order: str = "vocab") -> t
 def gumbel_max(probs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """probs (..., V), g (..., V) standard Gumbel -> argmax(log p + g) (...), long: an exact
     sample of p; two distributions sampled with the same g agree with probability at least
-    (1 - TV) / (1 + TV)."""
-    return (probs.float().log() + g).argmax(-1)
+    (1 - TV) / (1 + TV). probs sum to 1 (as probs_from_logits gives).
+
+    log(0) takes a slow path on CPU (about 30x a normal log): zero and subnormal probabilities
+    are raised to the smallest normal float first. The argmax cannot change: their scores stay
+    below log(2^-126) + max g < -50 (g from uniforms in (0, 1) of float64 at most), while the
+    largest probability (>= 1/V) scores above -log(V) - 4."""
+    tiny = torch.finfo(torch.float32).tiny
+    logp = probs.float().clamp_min(tiny).log_()    # a new tensor: add in place when exact
+    same = logp.shape == g.shape and logp.dtype == g.dtype
+    return (logp.add_(g) if same else logp + g).argmax(-1)
 
 
 def draw(probs: torch.Tensor, noise: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

@@ -8,13 +8,14 @@ lossless decoding, which spends the same noise, reproduces it token for token.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.model import Transformer
 from kforcing.core.noise import NoiseStream
-from kforcing.core.sampling import SamplingConfig, sample, token_noise
+from kforcing.core.sampling import SamplingConfig, sample
 from kforcing.decoding.common import (
     GenerationResult,
     OnTokens,
@@ -63,25 +64,28 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
     logits, pos = pre.logits, pre.next_pos
     counts = torch.zeros(B, cfg.vocab_size, device=device) if frequency_penalty else None
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    noise_at = _token_noises(stream, sampling, B, max_new_tokens, cfg.vocab_size, device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    eos_stops = stop_at_eos and eos is not None
     passes, steps = 1, 0
     for step in range(max_new_tokens):
         if counts is not None:
             logits = logits.float() - frequency_penalty * counts
-        index = torch.full((B, 1), step, dtype=torch.long, device=device)
-        tok = sample(logits, token_noise(stream, index, sampling, cfg.vocab_size)[:, 0],
-                     sampling)                                             # (B,)
+        tok = sample(logits, noise_at(step), sampling)                         # (B,)
         out[:, step] = tok
         steps = step + 1
         if counts is not None:
             counts.scatter_add_(1, tok[:, None], torch.ones(B, 1, device=device))
-        if stop_at_eos and eos is not None:
+        if on_tokens is not None:
+            # the streamer closes a row exactly when it is done (EOS, the callback's stop), and
+            # knows it without reading a tensor
+            streamer.push(tok[:, None])
+            if streamer.all_closed:
+                break
+        elif eos_stops:
             done |= tok == eos
-        if (stop := streamer.push(tok[:, None])) is not None:
-            done |= stop
-        # reading `done` is a host sync: only when a row can actually stop early
-        if (stop is not None or (stop_at_eos and eos is not None)) and bool(done.all()):
-            break
+            if bool(done.all()):          # a host sync: only when a row can stop early
+                break
         if step + 1 == max_new_tokens:
             break
         logits = model(tok[:, None], input_pos=pos[:, None], cache=cache)[:, -1]
@@ -91,3 +95,18 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
     t2 = time.perf_counter()
     rows, finished = cut_at_eos(out[:, :steps].tolist(), eos if stop_at_eos else None)
     return GenerationResult(streamer.cut(rows), finished, passes, t1 - t0, t2 - t1)
+
+
+def _token_noises(stream: NoiseStream, sampling: SamplingConfig, B: int, n: int, V: int,
+                  device: torch.device) -> Callable[[int], torch.Tensor | None]:
+    """step j -> the (B[, V]) noise of token j of every row (token_noise at index j): all n
+    uniforms in one call up front, one Gumbel vector per step into one reused buffer (each is
+    used before the next step draws), nothing when greedy (argmax ignores the noise)."""
+    if sampling.greedy or n == 0:
+        return lambda j: None
+    index = torch.arange(n, device=device).expand(B, n)                       # (B, n)
+    if sampling.coupling == "gumbel":
+        buffer = torch.empty(B, 1, V, device=device)
+        return lambda j: stream.gumbel(index[:, j:j + 1], V, out=buffer)[:, 0]
+    uniforms = stream.uniforms(index)                                         # (B, n)
+    return lambda j: uniforms[:, j]

@@ -149,13 +149,21 @@ class Streamer:
         self.sent = [0] * batch_size
         self.closed = [False] * batch_size
         self.stopped = [False] * batch_size
+        self._closed: torch.Tensor | None = None     # `closed` as a tensor, rebuilt on change
+
+    @property
+    def all_closed(self) -> bool:
+        """Every row has ended (EOS, max_new_tokens or the callback's stop)."""
+        return all(self.closed)
 
     def push(self, new: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor | None:
         """new (B, W) tokens of this pass, counts (B,) how many of them each row gained (default
-        all W) -> (B,) bool rows that must not continue, or None without a callback."""
+        all W) -> (B,) bool rows that must not continue, or None without a callback (read-only:
+        the same tensor comes back until a row closes)."""
         if self.on_tokens is None:
             return None
         rows = new.tolist()
+        before = list(self.closed)
         n = counts.tolist() if counts is not None else [len(r) for r in rows]
         out = []
         for b, (r, c) in enumerate(zip(rows, n, strict=True)):
@@ -172,7 +180,9 @@ class Streamer:
         for b, stop in enumerate(self.on_tokens(out) or ()):
             if stop and not self.closed[b]:
                 self.closed[b] = self.stopped[b] = True
-        return torch.tensor(self.closed, dtype=torch.bool, device=new.device)
+        if self._closed is None or self.closed != before:
+            self._closed = torch.tensor(self.closed, dtype=torch.bool, device=new.device)
+        return self._closed
 
     def cut(self, rows: list[list[int]]) -> list[list[int]]:
         """Rows stopped by the callback end where their stream ended."""
