@@ -7,7 +7,8 @@ in one pass the k tokens the reference map produces from the same uniforms:
 - `ar-rollout`: exact k-step AR rollouts of the teacher, k teacher passes per batch;
 - `noise-inversion`: real data tokens, with u drawn inside each data token's CDF interval under
   the teacher (one teacher pass gives targets for any k).
-Each stage logs JSONL metrics and a validation learning curve (match rates vs wall-clock minutes)
+Each stage logs JSONL metrics and a validation learning curve (match rates vs training minutes:
+CPU-minutes of this process on a CPU, wall-clock on an accelerator, validation excluded)
 and writes atomic, resumable checkpoints. Under torchrun it trains data-parallel
 (training/distributed.py, docs/DISTRIBUTED.md): each rank makes the targets of its own shard.
 """
@@ -98,7 +99,7 @@ class DistillConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     max_steps: int = 100_000
-    time_budget_min: float | None = 10.0
+    time_budget_min: float | None = 10.0   # CPU minutes of training (wall minutes off CPU)
     pos_weights: list[float] | None = None   # per-position loss weights (default all 1)
     eval_every_min: float = 1.0
     eval_contexts: int = 64
@@ -260,6 +261,10 @@ class Distiller:
                                   shard=distributed.shard if self.ctx.world > 1 else None)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.val = self._validation_set(val_tokens)
+        # on a CPU the budget and the logged minutes are this process's CPU time (as in the
+        # feedback trainer), so runs sharing a core still compare at equal CPU-minutes
+        on_cpu = torch.device(self.device).type == "cpu"
+        self.clock = time.process_time if on_cpu else time.perf_counter    # (seconds)
         self.step, self.elapsed = 0, 0.0
         self.last_eval = -math.inf     # training minutes at the last validation
         self.metrics = self.run.metrics
@@ -439,10 +444,10 @@ class Distiller:
             if self.step == 0:
                 self.log({"step": 0, "minutes": 0.0, "val": self.validate()})
                 self.last_eval = 0.0
-            t_last = time.perf_counter()
+            t_last = self.clock()
             while self.step < target and (budget is None or self.elapsed < budget):
                 rec = self.train_step()
-                now = time.perf_counter()
+                now = self.clock()
                 # the slowest rank's clock, so every rank validates and stops at the same step
                 self.elapsed = distributed.maximum(self.elapsed + now - t_last)
                 t_last = now
@@ -450,14 +455,14 @@ class Distiller:
                 if self.elapsed / 60 - self.last_eval >= cfg.eval_every_min:
                     rec["val"] = self.validate()
                     self.last_eval = self.elapsed / 60
-                    t_last = time.perf_counter()
+                    t_last = self.clock()
                 self.log(rec)
                 bar.update(self.step, self.elapsed / 60, loss=f"{rec['loss']:.3f}",
                            m1=f"{rec['match'][0]:.2f}")
                 stopping = distributed.maximum(float(bool(stop))) > 0   # one rank's signal
                 if self.step % cfg.ckpt_every == 0 or stopping:
                     self.save()
-                    t_last = time.perf_counter()
+                    t_last = self.clock()
                 if stopping:
                     bar.close()
                     raise interrupted(stop, self.step, self.out)
