@@ -79,3 +79,24 @@ def test_candidates_are_timed_in_turns(student, monkeypatch):
     runs = measure_tokens_per_s(student, 2, [1, 2], context=4, repeats=3, new_tokens=2)
     assert order == [1, 2] + [1, 2] * 3                  # warm-ups, then round robin
     assert runs == {1: [400.0] * 3, 2: [400.0] * 3}
+
+
+def test_a_calibration_timed_on_a_busy_machine_is_not_reused(student, tmp_path, monkeypatch):
+    """Full CPU share but a high load average (other processes on the other cores share the
+    memory bus): the choice stands for now, but the next process recalibrates."""
+    class Crowded:
+        def __init__(self, threads):
+            self.threads = threads
+
+        def stop(self):
+            return Usage(9.0, 9.0, 1.0, 1.0, self.threads)
+
+    monkeypatch.setattr(autok, "Watch", Crowded)
+    timer, calls = table(ar=10.0, k2=40.0)
+    assert choose_k(student, 1, cache=tmp_path, timer=timer).k == 2
+    rec = json.loads((tmp_path / "autok.json").read_text())
+    assert next(iter(rec.values()))["batches"]["1"]["usage"]["busy"] is True
+    monkeypatch.undo()
+    monkeypatch.setattr(autok, "_CHECKED", set())                  # a new process
+    again = choose_k(student, 1, cache=tmp_path, timer=timer)
+    assert (again.k, again.cached, len(calls)) == (2, False, 2)

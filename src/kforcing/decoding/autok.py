@@ -231,6 +231,12 @@ def _preempted(usage: dict | None) -> bool:
         and usage.get("wall_seconds", 0.0) > 0.05
 
 
+def _untrusted(usage: dict | None) -> bool:
+    """A calibration not to reuse: preempted, or timed while the machine was busy (its runs are
+    noisy: other processes share the memory bus even when they leave this core alone)."""
+    return _preempted(usage) or bool((usage or {}).get("busy"))
+
+
 def choose_k(student, batch_size: int, *, cache: str | Path | None = None,
              recalibrate: bool = False, margin: float = MARGIN, context: int = CONTEXT,
              timer: Timer | None = None) -> AutoChoice:
@@ -246,7 +252,7 @@ def choose_k(student, batch_size: int, *, cache: str | Path | None = None,
     entry = _load_cache(path).get(key, {})
     ks = candidate_ks(student.config.max_k)
     rec = entry.get("batches", {}).get(str(b))
-    runs = None if recalibrate or _preempted((rec or {}).get("usage")) else _cached_runs(rec, ks)
+    runs = None if recalibrate or _untrusted((rec or {}).get("usage")) else _cached_runs(rec, ks)
     cached = runs is not None
     timer = timer or measure_tokens_per_s
     memo = (str(path), key, b)
