@@ -39,22 +39,6 @@ from kforcing.io.tokens import TokenFile
 from kforcing.students.feedback import FeedbackStudent, load_feedback
 
 
-def reference_propose(student: FeedbackStudent, window) -> torch.Tensor:
-    """The propose loop on the general draft() path (what FeedbackStudent.propose must match)."""
-    h, y = window.feature, window.first
-    toks, logits = [], []
-    for i in range(window.k - 1):
-        if i > 0:
-            h = student.draft(h[:, None], y[:, None], window.pos[:, None] + i - 1,
-                              cache=window.draft_cache)[:, 0]
-        q = student.logits(h)
-        y = window.sample(q, i)
-        toks.append(y)
-        logits.append(q)
-    window.q_logits = torch.stack(logits, 1)
-    return torch.stack(toks, 1)
-
-
 def prompts_for(data: str | None, vocab: int, B: int, length: int, seed: int) -> list[list[int]]:
     """B prompts of about `length` tokens (ragged by up to 16 tokens at B > 1)."""
     rng = np.random.default_rng(seed)
@@ -181,7 +165,7 @@ def main() -> None:
     teacher = student.teacher
     sampling = SamplingConfig(coupling="gumbel")
     fast = FeedbackStudent.propose
-    variants = {"reference": (student, reference_propose), "fast": (student, fast)}
+    variants = {"reference": (student, FeedbackStudent.propose_stepwise), "fast": (student, fast)}
     out = {"student": a.student, "k": a.k, "context": a.context, "threads": 1,
            "load_avg_1m_before": os.getloadavg()[0], "batches": {}}
     compiled = None
@@ -191,13 +175,13 @@ def main() -> None:
     for B in a.batch:
         prompts = prompts_for(a.data, teacher.config.vocab_size, B, a.context, seed=B)
         s = Setup(student, prompts, a.k, sampling)
-        ref = s.propose(lambda w: reference_propose(student, w))
+        ref = s.propose(lambda w: student.propose_stepwise(w))
         ref_q = s.window.q_logits
         got = s.propose(student.propose)
         row: dict = {"identical": bool(torch.equal(ref, got)
                                        and torch.equal(ref_q, s.window.q_logits))}
         fns = {"ar_step": lambda s=s: s.ar_step(teacher),
-               "propose_reference": lambda s=s: s.propose(lambda w: reference_propose(student, w)),
+               "propose_reference": lambda s=s: s.propose(lambda w: student.propose_stepwise(w)),
                "propose_fast": lambda s=s: s.propose(student.propose)}
         if compiled is not None:
             c = Setup(compiled, prompts, a.k, sampling)

@@ -19,24 +19,6 @@ from kforcing.decoding.feedback import Window, _noise, _prefill, generate_feedba
 from kforcing.students.feedback import FeedbackStudent
 
 
-def reference_propose(student: FeedbackStudent, window) -> torch.Tensor:
-    """The propose loop as first written: every step through draft(), logits() and sample."""
-    h, y = window.feature, window.first
-    toks, logits = [], []
-    for i in range(window.k - 1):
-        if i > 0:
-            h = student.draft(h[:, None], y[:, None], window.pos[:, None] + i - 1,
-                              cache=window.draft_cache)[:, 0]
-        q = student.logits(h)
-        y = window.sample(q, i)
-        toks.append(y)
-        logits.append(q)
-    if not toks:
-        return window.first.new_zeros(window.first.shape[0], 0)
-    window.q_logits = torch.stack(logits, 1)
-    return torch.stack(toks, 1)
-
-
 class Checked(FeedbackStudent):
     """Runs the reference on a copy of the draft cache before every fast propose and checks
     that both give the same proposals, q logits and cache."""
@@ -44,7 +26,7 @@ class Checked(FeedbackStudent):
 
     def propose(self, window):
         ref_win = dataclasses.replace(window, draft_cache=copy.deepcopy(window.draft_cache))
-        ref = reference_propose(self, ref_win)
+        ref = FeedbackStudent.propose_stepwise(self, ref_win)
         got = super().propose(window)
         assert torch.equal(got, ref)
         if window.k > 1:
@@ -96,7 +78,7 @@ def test_an_invalid_slot_ahead_falls_back_to_the_reference_path():
     win.draft_cache.valid[1, win.draft_cache.length + 1] = False
     win.draft_cache.has_padding = True
     ref_win = dataclasses.replace(win, draft_cache=copy.deepcopy(win.draft_cache))
-    assert torch.equal(student.propose(win), reference_propose(student, ref_win))
+    assert torch.equal(student.propose(win), student.propose_stepwise(ref_win))
     assert torch.equal(win.q_logits, ref_win.q_logits)
 
 

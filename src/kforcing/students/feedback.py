@@ -256,6 +256,25 @@ class FeedbackStudent(nn.Module):
         window.q_logits = torch.stack(logits, 1)
         return torch.stack(toks, 1)
 
+    def propose_stepwise(self, window) -> torch.Tensor:
+        """What propose computes, written plainly: every step through draft(), logits() and the
+        window's sampler. The definition the fast path must equal bit for bit (tests/
+        test_feedback_speed.py) and the baseline experiments/draft_cost.py times it against."""
+        h, y = window.feature, window.first
+        toks, logits = [], []
+        for i in range(window.k - 1):
+            if i > 0:
+                h = self.draft(h[:, None], y[:, None], window.pos[:, None] + i - 1,
+                               cache=window.draft_cache)[:, 0]
+            q = self.logits(h)
+            y = window.sample(q, i)
+            toks.append(y)
+            logits.append(q)
+        if not toks:
+            return window.first.new_zeros(window.first.shape[0], 0)
+        window.q_logits = torch.stack(logits, 1)
+        return torch.stack(toks, 1)
+
     def _stepper(self, window):
         """Steps i = 1..k-2 of a window as one function (h (B, D), y (B,), i) -> (h, q (B, V),
         y): draft() with T = 1 at RoPE position pos + i - 1, the head and the draw. The RoPE rows
