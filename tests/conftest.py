@@ -15,6 +15,8 @@ import torch
 
 from kforcing.core.config import ModelConfig
 from kforcing.core.model import Transformer
+from kforcing.decoding import autok
+from kforcing.decoding.machine import Usage
 from kforcing.io.corpora import PreparedCorpus, prepare_corpus
 from kforcing.io.tokenizers import eos_id, load_tokenizer
 
@@ -89,3 +91,18 @@ def saved_tiny_model(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny"
     save_model(model, out, tokenizer=tiny_corpus.tokenizer_path)
     return out
+
+
+@pytest.fixture
+def quiet_autok(monkeypatch):
+    """--k auto calibrations record a quiet machine whatever the real load: a calibration timed
+    on a busy machine is not reused (decoding/autok.py), and the caching tests must not depend
+    on what else runs beside the suite."""
+    class Quiet:
+        def __init__(self, threads):
+            self.threads = threads
+
+        def stop(self):
+            return Usage(0.0, 0.0, 1.0, 1.0, self.threads)
+
+    monkeypatch.setattr(autok, "Watch", Quiet)

@@ -52,7 +52,8 @@ def test_a_preempted_calibration_decodes_ar_and_is_not_reused(student, tmp_path,
     assert (again.k, again.cached, len(calls)) == (2, False, 2)
 
 
-def test_a_cached_k_is_rechecked_once_in_the_process_it_serves(student, tmp_path, monkeypatch):
+def test_a_cached_k_is_rechecked_once_in_the_process_it_serves(student, tmp_path, monkeypatch,
+                                                               quiet_autok):
     timer, calls = table(ar=10.0, k2=40.0)
     assert choose_k(student, 1, cache=tmp_path, timer=timer).k == 2
     assert choose_k(student, 1, cache=tmp_path, timer=timer).cached and len(calls) == 1

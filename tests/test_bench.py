@@ -68,7 +68,7 @@ def test_pick_k_every_branch_says_why():
     assert win.k == 4 and "2.50x" in win.reason and "median of 3 runs" in win.reason
 
 
-def test_choose_k_calibrates_once_and_reads_the_cache(make_model, tmp_path):
+def test_choose_k_calibrates_once_and_reads_the_cache(make_model, tmp_path, quiet_autok):
     student = tiny_student(make_model())
     calls = []
 
