@@ -93,16 +93,21 @@ def saved_tiny_model(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     return out
 
 
+def fake_watch(load: float, cpu_share: float):
+    """A stand-in for decoding.machine.Watch whose timed run saw this load average (before
+    and after) and got this many CPU seconds per wall second."""
+    class Fake:
+        def __init__(self, threads):
+            self.threads = threads
+
+        def stop(self):
+            return Usage(load, load, cpu_share, 1.0, self.threads)
+    return Fake
+
+
 @pytest.fixture
 def quiet_autok(monkeypatch):
     """--k auto calibrations record a quiet machine whatever the real load: a calibration timed
     on a busy machine is not reused (decoding/autok.py), and the caching tests must not depend
     on what else runs beside the suite."""
-    class Quiet:
-        def __init__(self, threads):
-            self.threads = threads
-
-        def stop(self):
-            return Usage(0.0, 0.0, 1.0, 1.0, self.threads)
-
-    monkeypatch.setattr(autok, "Watch", Quiet)
+    monkeypatch.setattr(autok, "Watch", fake_watch(0.0, 1.0))

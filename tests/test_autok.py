@@ -9,10 +9,10 @@ import types
 
 import pytest
 import torch
+from conftest import fake_watch
 
 from kforcing.decoding import autok
 from kforcing.decoding.autok import choose_k, measure_tokens_per_s
-from kforcing.decoding.machine import Usage
 from kforcing.students.pushforward import PushForward, StudentConfig
 
 
@@ -34,14 +34,8 @@ def table(ar: float, k2: float):
 
 
 def test_a_preempted_calibration_decodes_ar_and_is_not_reused(student, tmp_path, monkeypatch):
-    class Starved:                       # the process got 0.3 CPU seconds per wall second
-        def __init__(self, threads):
-            self.threads = threads
-
-        def stop(self):
-            return Usage(2.5, 2.5, 0.3, 1.0, self.threads)
-
-    monkeypatch.setattr(autok, "Watch", Starved)
+    # the process got 0.3 CPU seconds per wall second
+    monkeypatch.setattr(autok, "Watch", fake_watch(2.5, 0.3))
     timer, calls = table(ar=10.0, k2=40.0)              # k=2 would win by 4x
     choice = choose_k(student, 1, cache=tmp_path, timer=timer)
     assert choice.k == 1 and "0.30 CPU seconds per second" in choice.reason
@@ -85,14 +79,7 @@ def test_candidates_are_timed_in_turns(student, monkeypatch):
 def test_a_calibration_timed_on_a_busy_machine_is_not_reused(student, tmp_path, monkeypatch):
     """Full CPU share but a high load average (other processes on the other cores share the
     memory bus): the choice stands for now, but the next process recalibrates."""
-    class Crowded:
-        def __init__(self, threads):
-            self.threads = threads
-
-        def stop(self):
-            return Usage(9.0, 9.0, 1.0, 1.0, self.threads)
-
-    monkeypatch.setattr(autok, "Watch", Crowded)
+    monkeypatch.setattr(autok, "Watch", fake_watch(9.0, 1.0))
     timer, calls = table(ar=10.0, k2=40.0)
     assert choose_k(student, 1, cache=tmp_path, timer=timer).k == 2
     rec = json.loads((tmp_path / "autok.json").read_text())

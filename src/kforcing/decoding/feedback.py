@@ -220,14 +220,14 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         if stop is not None:
             done |= stop
         # the draft re-reads what was committed, with the teacher's features
-        if refeed and same is not None:     # (finished rows' entries are never read again)
+        if refeed:
             d_cache.truncate(spec)
-            h = student.draft(F[:, :same + 1], t[:, :same + 1], zpos[:, :same + 1],
-                              cache=d_cache)[:, -1]
-        elif refeed:
-            d_cache.truncate(spec)
-            d_cache.mark_padding(keep)
-            h = student.draft(F, t, zpos, cache=d_cache)[rows, a]
+            if same is not None:     # only the kept slots (finished rows' are never read again)
+                h = student.draft(F[:, :same + 1], t[:, :same + 1], zpos[:, :same + 1],
+                                  cache=d_cache)[:, -1]
+            else:
+                d_cache.mark_padding(keep)
+                h = student.draft(F, t, zpos, cache=d_cache)[rows, a]
         else:
             # keep the speculative entries (step j + 3 read slot j's token) that were accepted
             d_cache.valid[:, spec:d_cache.length] &= ar_k[None, :d_cache.length - spec] < a[:, None]
