@@ -32,7 +32,7 @@ def decode(model, ids: list[int], args, eos: int | None, teacher):
     its teacher."""
     return generate(model, [ids], args.max_new_tokens, mode=args.mode, k=args.k, eos_id=eos,
                     seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, teacher=teacher)
+                    top_p=args.top_p, teacher=teacher, tree=args.tree)
 
 
 def status(mode: str, res) -> dict:
@@ -108,6 +108,9 @@ def add_parser(sub) -> None:
                     "student proposes, the teacher verifies")
     sp.add_argument("--k", type=count, default=None,
                     help="tokens per pass (kforcing and lossless modes; default: max_k)")
+    sp.add_argument("--tree", help="lossless with a token-feedback student: verify a draft tree of "
+                    "these k-1 widths in each teacher pass, e.g. 4,2,1 (default: one chain; "
+                    "docs/METHOD.md section 9)")
     sp.add_argument("--prompt", help="one message; without it, read messages from stdin")
     sp.add_argument("--system", help="system message (default: the template's own)")
     sp.add_argument("--max-new-tokens", type=natural, default=128)

@@ -190,8 +190,8 @@ def cmd_eval_chat(args) -> None:
 def chat_command(args) -> str:
     """The command line that reproduces this chat evaluation (recorded in its outputs)."""
     parts = ["kforcing", "eval-chat", "--student", args.student]
-    for name in ("teacher", "prompts", "limit", "k", "new_tokens", "tau", "seed", "repeats",
-                 "samples", "out", "cores", "device", "dtype"):
+    for name in ("teacher", "prompts", "limit", "k", "tree", "new_tokens", "tau", "seed",
+                 "repeats", "samples", "out", "cores", "device", "dtype"):
         v = getattr(args, name)
         if v is not None:
             parts += ["--" + name.replace("_", "-"), str(v)]
@@ -270,6 +270,8 @@ def add_parser(sub) -> None:
                     "per line) file (default: the packaged 40-prompt chat set)")
     sp.add_argument("--limit", type=count, help="evaluate the first N prompts only")
     sp.add_argument("--k", type=count, default=C.k, help="tokens per pass")
+    sp.add_argument("--tree", help="lossless with a token-feedback student: verify a draft tree "
+                    "of these k-1 widths per teacher pass, e.g. 4,2,1 (default: one chain)")
     sp.add_argument("--new-tokens", type=count, default=C.new_tokens,
                     help="most tokens per answer (EOS stops earlier)")
     sp.add_argument("--tau", type=positive, default=C.tau)

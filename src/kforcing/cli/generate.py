@@ -38,7 +38,7 @@ def cmd_generate(args) -> None:
     res = generate(model, ids, args.max_new_tokens, mode="lossless" if args.lossless else None,
                    k=args.k, sampling=sampling, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, frequency_penalty=args.frequency_penalty,
-                   teacher=teacher)
+                   teacher=teacher, tree=args.tree)
     for prompt, new in zip(prompts, res.tokens, strict=True):
         text = tok.decode(new, skip_special_tokens=True)
         if args.json:
@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--lossless", action="store_true",
                     help="K-Forcing proposes, the teacher verifies: output distributed exactly "
                     "as the teacher's (a student only)")
+    sp.add_argument("--tree", help="lossless with a token-feedback student: verify a draft tree of "
+                    "these k-1 widths in each teacher pass, e.g. 4,2,1 (default: one chain; "
+                    "docs/METHOD.md section 9)")
     # unset sampling flags leave the choice to `generate`: a student samples the way it was
     # trained (its CDF order), and refuses, in one line, a filter it cannot honour
     sp.add_argument("--temperature", type=non_negative, help="0 = greedy (default: 1.0)")

@@ -68,6 +68,25 @@ class KVCache:
     def commit(self, n: int) -> None:
         self.length += n
 
+    def accept_path(self, path: torch.Tensor, kept: torch.Tensor, same: int | None) -> None:
+        """After a draft-tree pass (Transformer.forward's tree, whose N node K/V sit at slots
+        length + R + node): commit each row's path. path (B, R) node ids root..deepest accepted
+        (padded), kept (B,) how many of them the row keeps. Where every row keeps `same`, the
+        cache simply grows by it (AR's layout); otherwise by R with the rest masked out."""
+        L, R = self.length, path.shape[1]
+        src = (L + R + path)[None, :, None, :, None]                      # (1, B, 1, R, 1)
+        for buf in (self.k, self.v):
+            idx = src.expand(buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
+            buf[:, :, :, L:L + R] = buf.gather(3, idx)
+        if same is not None:
+            self.length = L + same
+            self.valid[:, L:] = True
+        else:
+            self.valid[:, L:L + R] = torch.arange(R, device=kept.device)[None] < kept[:, None]
+            self.valid[:, L + R:] = True
+            self.length = L + R
+            self.has_padding = True
+
     def truncate(self, length: int) -> None:
         """Roll back to `length` slots; later slots become scratch again."""
         if not 0 <= length <= self.length:

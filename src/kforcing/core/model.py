@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kforcing.core.config import ModelConfig
 from kforcing.core.kv_cache import KVCache
+from kforcing.core.tree import DraftTree
 from kforcing.errors import KForcingError
 
 
@@ -108,10 +109,54 @@ class Attention(nn.Module):
         y = torch.cat(ys, 2)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
+    def attend_tree(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None, cache: KVCache, tree: DraftTree,
+                    per_query: bool) -> torch.Tensor:
+        """A draft tree's N nodes (q, k, v over them, (B, H(kv), N, D)): their K/V go to the
+        node slots [L + R, L + R + N) (KVCache.accept_path commits the verified path from
+        there). per_query: each node attends alone over the prefix [0, L) and its path, the keys
+        and the kernel call of the AR step at that position (a level's nodes in one batched call;
+        the SDPA kernel treats batch rows independently, tests/test_tree.py checks the bits)."""
+        L, R, N = cache.length, tree.levels, tree.size
+        ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        ck[:, :, L + R:L + R + N] = k
+        cv[:, :, L + R:L + R + N] = v
+        if not per_query:
+            return self.attend(q, ck[:, :, :L + R + N], cv[:, :, :L + R + N], mask)
+        B, H, _, D = q.shape
+        gqa, y = self.n_kv_head != self.n_head, torch.empty_like(q)
+        for d in range(R):
+            ids = tree.level(d)
+            n, m = len(ids), None if mask is None else mask[..., :L + d + 1]
+            if n > 1:
+                # the level's nodes as a batch, each with its own copy of prefix + path: per node
+                # the kernel call of the single-node branch (bit for bit), in one call (faster
+                # than a call per node though it copies the prefix)
+                sel = tree.paths[ids.start:ids.stop, :d + 1].to(k.device)          # (n, d + 1)
+                kv = [torch.cat([c[:, :, None, :L].expand(-1, -1, n, -1, -1), new[:, :, sel]], 3)
+                      .transpose(1, 2).reshape(B * n, self.n_kv_head, L + d + 1, D)
+                      for c, new in ((ck, k), (cv, v))]
+                qq = q[:, :, ids.start:ids.stop].transpose(1, 2).reshape(B * n, H, 1, D)
+                out = F.scaled_dot_product_attention(
+                    qq, *kv, attn_mask=None if m is None else m.repeat_interleave(n, 0),
+                    enable_gqa=gqa)
+                y[:, :, ids.start:ids.stop] = out.view(B, n, H, D).transpose(1, 2)
+                continue
+            i = ids.start        # one node: its path into slots [L, L + d], as AR's cache holds it
+            for j, node in enumerate(tree.paths[i, :d + 1].tolist()):
+                ck[:, :, L + j] = k[:, :, node]
+                cv[:, :, L + j] = v[:, :, node]
+            y[:, :, i:i + 1] = F.scaled_dot_product_attention(
+                q[:, :, i:i + 1], ck[:, :, :L + d + 1], cv[:, :, :L + d + 1], attn_mask=m,
+                enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, N, -1))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None, store: bool = True,
-                per_query: bool = False) -> torch.Tensor:
+                per_query: bool = False, tree: DraftTree | None = None) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin)
+        if tree is not None:
+            return self.attend_tree(q, k, v, mask, cache, tree, per_query)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v, store)                       # (B, Hkv, S, D)
             if per_query and x.shape[1] > 1:
@@ -143,8 +188,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, cache, store=True, per_query=False):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, store, per_query))
+    def forward(self, x, cos, sin, mask, cache, store=True, per_query=False, tree=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, store, per_query,
+                                    tree))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -205,7 +251,7 @@ class Transformer(nn.Module):
                 input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, commit: int | None = None,
                 last_only: bool = False, return_hidden: bool = False,
-                per_query: bool = False) -> torch.Tensor:
+                per_query: bool = False, tree: DraftTree | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with last_only, or final hidden states with return_hidden.
 
         idx (B, T) token ids, or embeds (B, T, dim) input vectors (K-Forcing noise tokens).
@@ -219,19 +265,32 @@ class Transformer(nn.Module):
         the matmul kernels are batch-invariant (measured: bf16 on CPU for up to 32 rows, see
         docs/METHOD.md section 9) the pass then gives bit for bit the logits of T steps: what
         lossless verification needs to reproduce AR sampling exactly.
+
+        tree (with a cache): idx holds a draft tree's N nodes (core.tree), each attending to the
+        cache and its own ancestors; nothing is committed: KVCache.accept_path keeps the path the
+        caller verifies. With per_query each node repeats the AR step of its path exactly.
         """
         x = self.tok_embeddings(idx) if embeds is None else embeds
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
         if cache is not None:
-            cache.check_room(T)
+            cache.check_room(T if tree is None else T + tree.levels)
         if input_pos is None:
             input_pos = torch.arange(past, past + T, device=x.device)
         if input_pos.dim() == 1:
             input_pos = input_pos.unsqueeze(0).expand(B, T)
         cos, sin = self.rope(input_pos)
+        if tree is not None:
+            if cache is None or tree.size != T:
+                raise KForcingError(f"a tree pass needs a cache and the tree's {tree.size} nodes")
+            valid = cache.valid if cache.has_padding else None
+            if not per_query:
+                mask = tree.mask(past, valid)
+            elif valid is not None:   # per query: the prefix's padding; path slots are valid
+                mask = valid[:, None, None, :past + tree.levels]
         # per_query over an unpadded cache: each query slices its own slots, as a step would
-        if mask is None and cache is not None and (cache.has_padding or (T > 1 and not per_query)):
+        elif mask is None and cache is not None and (cache.has_padding
+                                                     or (T > 1 and not per_query)):
             valid = cache.valid[:, :past + T] if cache.has_padding else None
             mask = causal_mask(T, past, valid, device=x.device)
         if mask is not None and mask.dim() == 3:
@@ -243,8 +302,8 @@ class Transformer(nn.Module):
                 # recompute the block's activations in backward: memory O(1 block) per layer
                 x = checkpoint(layer, x, cos, sin, mask, cache, store, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, store, per_query)
-        if cache is not None:
+                x = layer(x, cos, sin, mask, cache, store, per_query, tree)
+        if cache is not None and tree is None:
             cache.commit(T if commit is None else commit)
         if last_only:
             x = x[:, -1:]

@@ -89,10 +89,10 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, order: str = "vocab") -> t
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
-def gumbel_max(probs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """probs (..., V), g (..., V) standard Gumbel -> argmax(log p + g) (...), long: an exact
-    sample of p; two distributions sampled with the same g agree with probability at least
-    (1 - TV) / (1 + TV). probs sum to 1 (as probs_from_logits gives).
+def gumbel_scores(probs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """probs (..., V), g (..., V) or broadcastable standard Gumbel -> log p + g (..., V), the
+    scores whose argmax is a Gumbel-max sample (gumbel_max) and whose top-w a draft tree
+    proposes (top_tokens).
 
     log(0) takes a slow path on CPU (about 30x a normal log): zero and subnormal probabilities
     are raised to the smallest normal float first. The argmax cannot change: their scores stay
@@ -101,7 +101,14 @@ def gumbel_max(probs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     tiny = torch.finfo(torch.float32).tiny
     logp = probs.float().clamp_min(tiny).log_()    # a new tensor: add in place when exact
     same = logp.shape == g.shape and logp.dtype == g.dtype
-    return (logp.add_(g) if same else logp + g).argmax(-1)
+    return logp.add_(g) if same else logp + g
+
+
+def gumbel_max(probs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """probs (..., V), g (..., V) standard Gumbel -> argmax(log p + g) (...), long: an exact
+    sample of p; two distributions sampled with the same g agree with probability at least
+    (1 - TV) / (1 + TV). probs sum to 1 (as probs_from_logits gives)."""
+    return gumbel_scores(probs, g).argmax(-1)
 
 
 def draw(probs: torch.Tensor, noise: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -119,6 +126,18 @@ def token_noise(stream: NoiseStream, index: torch.Tensor, cfg: SamplingConfig,
     if cfg.coupling == "gumbel":
         return stream.gumbel(index, vocab_size)
     return stream.uniforms(index)
+
+
+def top_tokens(logits: torch.Tensor, noise: torch.Tensor, cfg: SamplingConfig, w: int
+               ) -> torch.Tensor:
+    """logits (B, n, V), one token index's noise (B, V) -> (B, n, w): the w tokens that score
+    highest where `sample` takes its maximum (the logits when greedy, log p + g under the
+    Gumbel coupling). The inverse-CDF coupling ranks no alternatives: an error."""
+    if cfg.greedy:
+        return logits.topk(w, -1).indices
+    if cfg.coupling != "gumbel":
+        raise KForcingError("draft trees need the Gumbel coupling (or greedy decoding)")
+    return gumbel_scores(probs_from_logits(logits, cfg), noise[:, None]).topk(w, -1).indices
 
 
 def sample(logits: torch.Tensor, noise: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

@@ -37,6 +37,7 @@ from torch import nn
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig, probs_from_logits, sample, token_noise
+from kforcing.core.tree import DraftTree
 from kforcing.decoding.common import (
     GenerationResult,
     OnTokens,
@@ -137,19 +138,59 @@ def _prefill(student: FeedbackStudent, t_cache: KVCache, d_cache: KVCache, ids: 
     return first, h[:, -1], logits
 
 
+def _draft_tree(widths: tuple[int, ...] | None, k: int, mode: str, refeed: bool,
+                sampling: SamplingConfig) -> DraftTree | None:
+    """The window's draft tree, or None for the plain chain."""
+    if widths is None or all(w == 1 for w in widths):
+        return None
+    tree = widths if isinstance(widths, DraftTree) else DraftTree(tuple(widths))
+    if len(tree.widths) != k - 1:
+        raise KForcingError(f"a draft tree for k={k} needs {k - 1} widths, got {tree.widths}")
+    if mode != "lossless":
+        raise KForcingError("draft trees are verified: they need mode 'lossless'")
+    if not refeed:
+        raise KForcingError("draft trees need refeed=True (the draft re-reads the kept path)")
+    if not sampling.greedy and sampling.coupling != "gumbel":
+        raise KForcingError("draft trees need the Gumbel coupling (or greedy decoding)")
+    return tree
+
+
+def _verify_tree(student: FeedbackStudent, tree: DraftTree, win: Window, per_query: bool
+                 ) -> tuple[torch.Tensor, ...]:
+    """One lossless window over a draft tree: the draft proposes the tree, one teacher pass reads
+    every node (each seeing its own ancestors) and gives its token after each node; the deepest
+    node the teacher confirms ends the accepted path. Returns what the chain's window gives
+    along that path, (B, k) each: tokens z, teacher tokens t, features F (B, k, D), positions;
+    and a (B,) accepted proposals, path (B, k) node ids. The teacher's cache holds the nodes
+    until accept_path commits the path."""
+    teacher, B = student.teacher, win.first.shape[0]
+    nodes = torch.cat([win.first[:, None], student.propose_tree(win, tree)], 1)   # (B, N)
+    depth = torch.tensor(tree.depth, device=nodes.device)
+    npos = win.pos[:, None] + depth
+    F = teacher(nodes, input_pos=npos, cache=win.teacher_cache, return_hidden=True,
+                per_query=per_query, tree=tree)                                   # (B, N, D)
+    t = sample(teacher.output(F), win.noise[:, depth], win.sampling)   # token after each node
+    best = tree.accept(nodes, t)
+    path = tree.paths.to(nodes.device)[best]                                    # (B, k)
+    rows = torch.arange(B, device=nodes.device)[:, None]
+    return (nodes.gather(1, path), t.gather(1, path), depth[best], F[rows, path],
+            npos.gather(1, path), path)
+
+
 @torch.inference_mode()
 def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_new_tokens: int,
                       *, k: int | None = None, mode: str = "kforcing",
                       sampling: SamplingConfig | None = None, noise: NoiseStream | None = None,
                       seed: int = 0, eos_id: int | None = None, stop_at_eos: bool = True,
-                      refeed: bool = True, on_tokens: OnTokens | None = None
-                      ) -> GenerationResult:
+                      refeed: bool = True, on_tokens: OnTokens | None = None,
+                      tree: tuple[int, ...] | None = None) -> GenerationResult:
     """Decode k tokens per teacher pass (mode 'kforcing') or sample the teacher exactly with k-1
     draft proposals per pass (mode 'lossless'). sampling defaults to temperature 1 under the
     student's coupling; noise defaults to NoiseStream.from_seed(seed, len(prompts)).
     extra: mode, k, coupling, windows (teacher passes after the prefill), tokens_per_pass
     (tokens a row gains per window, mean over active rows), refeed. on_tokens: streaming
-    callback (decoding.common.OnTokens)."""
+    callback (decoding.common.OnTokens). tree (lossless): k - 1 widths of a draft tree
+    (core.tree), verified in the same single teacher pass; None or all ones is the chain."""
     if mode not in MODES:
         raise KForcingError(f"mode must be one of {MODES}, got '{mode}'")
     k = student.config.max_k if k is None else k
@@ -163,17 +204,19 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
                   why=f"the k={k} window")
     device = teacher.tok_embeddings.weight.device
     sampling = sampling or SamplingConfig(coupling=student.config.coupling)
+    tree = _draft_tree(tree, k, mode, refeed, sampling)
     noise = noise_for(noise, seed, B, device)
     eos = (tc.eos_id if eos_id is None else eos_id) if stop_at_eos else None
     ids, valid, pos = left_pad(prompts, device)
-    cap = ids.shape[1] + k * (max_new_tokens + 1)
+    cap = ids.shape[1] + k * (max_new_tokens + 1) + (tree.levels + tree.size if tree else 0)
     t_cache = KVCache.for_model(teacher, B, max_len=cap)
-    d_cache = student.new_cache(B, max_len=cap + k)
+    d_cache = student.new_cache(B, max_len=cap + (tree.size if tree else k))
     sync = sync_fn(device)
     streamer = Streamer(on_tokens, B, max_new_tokens, eos)
 
     # one row's lossless windows can repeat AR's arithmetic exactly (module docstring)
-    per_query = mode == "lossless" and B == 1 and batch_invariant(teacher, k)
+    per_query = (mode == "lossless" and B == 1
+                 and batch_invariant(teacher, tree.size if tree else k))
     t0 = time.perf_counter()
     first, h, _ = _prefill(student, t_cache, d_cache, ids, valid, pos, noise, sampling)
     sync()
@@ -190,25 +233,31 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         G = _noise(noise, n[:, None] + 1 + ar_k, sampling, tc.vocab_size)   # (B, k[, V])
         win = Window(k, first, h, p, d_cache, t_cache, G, sampling)
         spec = d_cache.length
-        z = torch.cat([first[:, None], student.propose(win)], 1)              # (B, k)
-        zpos = p[:, None] + ar_k
-        start = t_cache.length
-        t_cache.mark_padding(active[:, None].expand(B, k))
-        F = teacher(z, input_pos=zpos, cache=t_cache, return_hidden=True,
-                    per_query=per_query)                                      # (B, k, D)
-        windows += 1
-        if mode == "lossless":
-            t = sample(teacher.output(F), G, sampling)          # teacher's token after slot j
-            a = _leading(z[:, 1:] == t[:, :-1])                 # accepted proposals, [0, k-1]
+        if tree is not None:
+            z, t, a, F, zpos, path = _verify_tree(student, tree, win, per_query)
         else:
-            t_last = sample(teacher.output(F[:, -1]), G[:, -1], sampling)
-            t = torch.cat([z[:, 1:], t_last[:, None]], 1)
-            a = torch.full_like(n, k - 1)
+            z = torch.cat([first[:, None], student.propose(win)], 1)          # (B, k)
+            zpos = p[:, None] + ar_k
+            start = t_cache.length
+            t_cache.mark_padding(active[:, None].expand(B, k))
+            F = teacher(z, input_pos=zpos, cache=t_cache, return_hidden=True,
+                        per_query=per_query)                                  # (B, k, D)
+            if mode == "lossless":
+                t = sample(teacher.output(F), G, sampling)      # teacher's token after slot j
+                a = _leading(z[:, 1:] == t[:, :-1])             # accepted proposals, [0, k-1]
+            else:
+                t_last = sample(teacher.output(F[:, -1]), G[:, -1], sampling)
+                t = torch.cat([z[:, 1:], t_last[:, None]], 1)
+                a = torch.full_like(n, k - 1)
+        windows += 1
         # where every active row accepted as many (always at batch 1), rejected slots are rolled
         # back in both caches instead of masked: no padding masks, and AR's cache layout
         kept = a[active]
         same = int(kept[0]) if bool((kept == kept[0]).all()) else None
-        if mode == "lossless":
+        if tree is not None:
+            t_cache.accept_path(path, torch.where(active, a + 1, 0),
+                                None if same is None else same + 1)
+        elif mode == "lossless":
             _drop_rejected(t_cache, start, a, ar_k, same)
         keep = (ar_k[None] <= a[:, None]) & active[:, None]
         out.scatter_(1, torch.where(keep, n[:, None] + ar_k, dump).clamp(max=dump), z)
@@ -244,7 +293,8 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         [r[:min(int(c), max_new_tokens)] for r, c in zip(out.tolist(), n.tolist(), strict=True)],
         eos)
     extra = {"mode": mode, "k": k, "coupling": sampling.coupling, "windows": windows,
-             "tokens_per_pass": gained / row_passes if row_passes else 0.0, "refeed": refeed}
+             "tokens_per_pass": gained / row_passes if row_passes else 0.0, "refeed": refeed,
+             "tree": list(tree.widths) if tree else None}
     return GenerationResult(streamer.cut(rows_out), finished, windows + 1, t1 - t0, t2 - t1,
                             extra=extra)
 

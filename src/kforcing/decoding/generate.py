@@ -17,6 +17,7 @@ import dataclasses
 
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
+from kforcing.core.tree import parse_widths
 from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.autok import AutoChoice, choose_k
 from kforcing.decoding.common import GenerationResult, OnTokens
@@ -36,7 +37,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, mode: str 
              top_p: float | None = None, seed: int = 0, noise: NoiseStream | None = None,
              eos_id: int | None = None, stop_at_eos: bool = True,
              frequency_penalty: float = 0.0, teacher=None,
-             on_tokens: OnTokens | None = None) -> GenerationResult:
+             on_tokens: OnTokens | None = None,
+             tree: str | tuple[int, ...] | None = None) -> GenerationResult:
     """prompts (B lists of token ids) -> GenerationResult with B continuations.
 
     mode: "ar" | "kforcing" | "lossless" (default "ar" for a plain Transformer, "kforcing" for
@@ -45,7 +47,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, mode: str 
     its seed. teacher: a shared-layout student's teacher, needed by modes "ar" and "lossless"
     (other students hold theirs). With k="auto", extra["auto"] records the choice and why.
     on_tokens: called after every pass with each row's new tokens; may return per-row stop
-    flags (decoding.common.OnTokens): what a server streams with."""
+    flags (decoding.common.OnTokens): what a server streams with. tree: lossless with a
+    token-feedback student only, the widths of a draft tree (core.tree, e.g. "4,2,1" for k=4)
+    verified in each teacher pass instead of one chain."""
     student = isinstance(model, PushForward | FeedbackStudent)
     mode = mode or ("kforcing" if student else "ar")
     if mode not in MODES:
@@ -56,6 +60,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, mode: str 
         raise KForcingError("lossless mode samples the teacher's exact distribution: a "
                             "frequency penalty would change it")
     sampling = _sampling(sampling, temperature, top_k, top_p, _defaults(model))
+    widths = _tree_widths(tree, model, mode, k)
     if not student:
         if mode != "ar":
             raise KForcingError(f"mode '{mode}' needs a K-Forcing student; this is a plain AR "
@@ -90,7 +95,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, mode: str 
         if mode == "kforcing":
             warn_outside_trained_tau(model, sampling.temperature)
         res = generate_feedback(model, prompts, max_new_tokens, k=k, mode=mode,
-                                sampling=sampling, **common)
+                                sampling=sampling, tree=widths, **common)
     elif mode == "lossless":
         res = generate_lossless(model, prompts, max_new_tokens, k=k, sampling=sampling,
                                 teacher=teacher, **common)
@@ -98,6 +103,20 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, mode: str 
         res = generate_kforcing(model, prompts, max_new_tokens, k=k, sampling=sampling,
                                 frequency_penalty=frequency_penalty, **common)
     return _record(res, choice, mode)
+
+
+def _tree_widths(tree, model, mode: str, k) -> tuple[int, ...] | None:
+    """The draft tree's widths for generate_feedback (None: the chain)."""
+    if tree is None or tree == "":
+        return None
+    if mode != "lossless" or not isinstance(model, FeedbackStudent):
+        raise KForcingError("a draft tree needs mode 'lossless' with a token-feedback "
+                            "student")
+    if k == "auto":
+        raise KForcingError("a draft tree fixes k (one width per drafted token): give k, not "
+                            "'auto'")
+    k = model.config.max_k if k is None else k
+    return parse_widths(tree, k) if isinstance(tree, str) else tuple(tree)
 
 
 def _defaults(model) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kforcing.core.tree import DraftTree, parse_widths
 from kforcing.decoding.autok import machine_info
 from kforcing.decoding.common import GenerationResult
 from kforcing.decoding.generate import generate
@@ -148,6 +149,7 @@ class ChatEvalConfig:
     samples: int = 3             # prompts shown side by side
     sample_chars: int = 400      # answers truncated to this many characters in that table
     warmup_tokens: int = 16
+    tree: str | None = None      # lossless: draft-tree widths, e.g. "4,2,1" (None: the chain)
 
     def __post_init__(self) -> None:
         if not 0 < self.tau < float("inf"):
@@ -159,6 +161,8 @@ class ChatEvalConfig:
                                     f"{getattr(self, name)}")
         if self.samples < 0 or self.seed < 0:
             raise KForcingError("samples and seed must be >= 0")
+        if self.tree:
+            DraftTree(parse_widths(self.tree, self.k))   # a bad spec fails before any decoding
 
 
 @dataclass
@@ -216,7 +220,7 @@ def chat_eval(student, tokenizer, tok_cfg: dict, prompts: list[ChatPrompt],
                 counts.append(len(new[0]))
         return generate(student, [ids[i]], n, mode=method, k=None if method == "ar" else cfg.k,
                         temperature=cfg.tau, seed=seeds[i], eos_id=eos, teacher=verifier,
-                        on_tokens=count)
+                        on_tokens=count, tree=cfg.tree if method == "lossless" else None)
 
     for method in METHODS:      # warm-up, excluded
         run(method, 0, min(cfg.warmup_tokens, cfg.new_tokens))
@@ -286,6 +290,8 @@ def _summary(method: str, a: Answers, cfg: ChatEvalConfig) -> dict:
         out["tokens_per_pass"] = (statistics.mean(per) if None not in per
                                   else out["tokens_per_forward_pass"])
         out["k"] = cfg.k
+    if method == "lossless":
+        out["tree"] = cfg.tree
     if method == "lossless" and a.counts:
         out["per_position_match"] = [round(sum(c >= j for c in a.counts) / len(a.counts), 4)
                                      for j in range(1, cfg.k + 1)]

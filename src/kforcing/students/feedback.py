@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from kforcing.core.config import from_dict, load_json
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.model import Block, RMSNorm, Transformer, causal_mask
-from kforcing.core.sampling import COUPLINGS, SamplingConfig, sample
+from kforcing.core.sampling import COUPLINGS, SamplingConfig, sample, top_tokens
+from kforcing.core.tree import DraftTree
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import (
     atomic_save_tensors,
@@ -255,6 +256,41 @@ class FeedbackStudent(nn.Module):
             logits.append(q)
         window.q_logits = torch.stack(logits, 1)
         return torch.stack(toks, 1)
+
+    def propose_tree(self, window, tree: DraftTree) -> torch.Tensor:
+        """A draft tree's nodes 1..N-1 (B, N-1), breadth first (core.tree): a node's children are
+        the draft's top-`width` tokens under the noise of their token index, ranked as the
+        sampler ranks them (the chain proposes the top 1). Each inner node's draft step reads
+        (its parent's feature, its token) and attends to its ancestors' entries only; those
+        speculative entries in window.draft_cache are rolled back by the caller."""
+        cache, spec = window.draft_cache, window.draft_cache.length
+        h = window.feature[:, None]                                          # (B, 1, D)
+        B, toks = h.shape[0], []
+        for d, w in enumerate(tree.widths, start=1):
+            toks.append(self._children(h, window.noise[:, d - 1], window.sampling, w))
+            if d == len(tree.widths):
+                break
+            ids = tree.level(d)
+            n = len(ids)
+            cache.check_room(n)
+            prefix = (cache.valid[:, None, :spec] if cache.has_padding
+                      else torch.ones(1, 1, spec, dtype=torch.bool, device=h.device))
+            anc = tree.ancestors[ids.start:ids.stop, 1:ids.stop].to(h.device)  # entry j at spec+j-1
+            mask = torch.cat([prefix.expand(B, n, spec), anc[None].expand(B, -1, -1)], 2)
+            pos = (window.pos[:, None] + d - 1).expand(B, n)
+            h = self.draft(h.repeat_interleave(w, 1), toks[-1], pos, cache=cache, mask=mask)
+        return torch.cat(toks, 1)
+
+    def _children(self, h: torch.Tensor, noise: torch.Tensor, sampling: SamplingConfig, w: int
+                  ) -> torch.Tensor:
+        """h (B, n, D) -> (B, n * w): each node's top-w tokens, scored over the draft vocabulary
+        only (the rest have q = 0 and never rank) with the noise of those ids."""
+        B, n, D = h.shape          # 2-D: a strided 3-D input makes matmul copy the head per row
+        small = self.draft_logits(h.reshape(B * n, D)).view(B, n, -1)         # (B, n, N)
+        if self.draft_ids is not None and noise.dim() == 2:
+            noise = noise.index_select(1, self.draft_ids)
+        top = top_tokens(small, noise, sampling, w).flatten(1)
+        return top if self.draft_ids is None else self.draft_ids[top]
 
     def propose_stepwise(self, window) -> torch.Tensor:
         """What propose computes, written plainly: every step through draft(), logits() and the
