@@ -63,13 +63,20 @@ def test_layout_of_a_small_tree():
 def test_accept_walks_the_confirmed_path():
     t = DraftTree((2, 2))       # nodes: 0 | 1 2 | 3 4 (under 1) 5 6 (under 2)
     tokens = torch.tensor([[9, 4, 5, 6, 7, 8, 1]])
-    # the teacher says 5 after the root (node 2), then 1 after node 2 (node 6)
-    teacher = torch.tensor([[5, 0, 1, 0, 0, 0, 0]])
-    assert t.accept(tokens, teacher).tolist() == [6]
-    teacher[0, 2] = 3           # nothing under node 2 matches
-    assert t.accept(tokens, teacher).tolist() == [2]
-    teacher[0, 0] = 0           # no child of the root matches
-    assert t.accept(tokens, teacher).tolist() == [0]
+
+    def walk(after: dict[int, int]):
+        asked = []
+
+        def teacher(d, node):
+            asked.append(int(node[0]))
+            return torch.tensor([after.get(int(node[0]), 0)])
+        best, path_after = t.accept(tokens, teacher)
+        return int(best[0]), path_after[0].tolist(), asked
+
+    # the teacher says 5 after the root (node 2), then 1 after node 2 (node 6), then 3
+    assert walk({0: 5, 2: 1, 6: 3}) == (6, [5, 1, 3], [0, 2, 6])
+    assert walk({0: 5, 2: 3}) == (2, [5, 3, 3], [0, 2])     # nothing under node 2 matches
+    assert walk({0: 0}) == (0, [0, 0, 0], [0])            # no child of the root matches
 
 
 def test_widths_are_checked():

@@ -12,6 +12,7 @@ Nodes are numbered breadth-first (root 0). Widths (1, 1, ..., 1) are the plain c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -115,14 +116,30 @@ class DraftTree:
         return torch.cat([prefix[:, None].expand(B, n, past), gap, anc[None].expand(B, n, n)],
                          2)[:, None]
 
-    def accept(self, tokens: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """tokens (B, N) the nodes' tokens, teacher (B, N) the teacher's token after each node ->
-        (B,) the deepest node whose whole path the teacher confirms (0: only the root)."""
-        ok = torch.ones_like(tokens, dtype=torch.bool)
-        parent = torch.tensor(self.parent[1:], device=tokens.device)
-        ok[:, 1:] = tokens[:, 1:] == teacher[:, parent]
-        for d in range(2, self.levels):        # a node counts only if its parent does
-            ids = self.level(d)
-            ok[:, ids.start:ids.stop] &= ok[:, parent[ids.start - 1:ids.stop - 1]]
-        depth = torch.tensor(self.depth, device=tokens.device)
-        return torch.where(ok, depth + 1, 0).argmax(1)
+    def accept(self, tokens: torch.Tensor, teacher: Callable[[int, torch.Tensor], torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Walk down from the root: teacher(d, node (B,)) is the teacher's token after each row's
+        node at depth d; the child holding it (at most one: a node's candidates are distinct)
+        is confirmed and the walk goes on from there. tokens (B, N) the nodes' tokens ->
+        (deepest confirmed node (B,), the teacher's token after each node of its path (B, R),
+        padded with the last). Only the nodes on the paths are asked, one per row and depth,
+        until every row's path has ended."""
+        B = tokens.shape[0]
+        rows = torch.arange(B, device=tokens.device)
+        node = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        alive = torch.ones(B, dtype=torch.bool, device=tokens.device)
+        after = []
+        for d in range(self.levels):
+            t = teacher(d, node)                                                 # (B,)
+            after.append(torch.where(alive, t, after[-1]) if after else t)
+            if d == len(self.widths):
+                break
+            w, lv, nxt = self.widths[d], self.level(d), self.level(d + 1)
+            kids = nxt.start + (node - lv.start)[:, None] * w + torch.arange(w, device=node.device)
+            hit = tokens[rows[:, None], kids] == t[:, None]                      # (B, w)
+            alive &= hit.any(1)
+            node = torch.where(alive, kids[rows, hit.long().argmax(1)], node)
+            if not bool(alive.any()):           # every row's path has ended
+                break
+        after += after[-1:] * (self.levels - len(after))
+        return node, torch.stack(after, 1)

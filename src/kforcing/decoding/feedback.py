@@ -169,12 +169,13 @@ def _verify_tree(student: FeedbackStudent, tree: DraftTree, win: Window, per_que
     npos = win.pos[:, None] + depth
     F = teacher(nodes, input_pos=npos, cache=win.teacher_cache, return_hidden=True,
                 per_query=per_query, tree=tree)                                   # (B, N, D)
-    t = sample(teacher.output(F), win.noise[:, depth], win.sampling)   # token after each node
-    best = tree.accept(nodes, t)
+    logits = teacher.output(F)                                                     # (B, N, V)
+    rows = torch.arange(B, device=nodes.device)
+    best, t = tree.accept(nodes, lambda d, node: sample(logits[rows, node], win.noise[:, d],
+                                                        win.sampling))
     path = tree.paths.to(nodes.device)[best]                                    # (B, k)
-    rows = torch.arange(B, device=nodes.device)[:, None]
-    return (nodes.gather(1, path), t.gather(1, path), depth[best], F[rows, path],
-            npos.gather(1, path), path)
+    return (nodes.gather(1, path), t, depth[best], F[rows[:, None], path], npos.gather(1, path),
+            path)
 
 
 @torch.inference_mode()
