@@ -17,6 +17,10 @@ cache) and gives features and logits at each of them.
   forward's per_query) and rejected slots are rolled back rather than masked, so it repeats AR's
   arithmetic exactly: identical bit for bit, not only up to rounding.
 
+Lossless mode can verify a draft tree instead of one chain (`tree`, core/tree.py): the draft
+proposes k-1 levels of top-w candidates, one teacher pass reads every node (each attending to
+its own path), and the confirmed path is emitted and committed as the chain's would be.
+
 After each pass the draft re-reads the committed positions with the teacher's real features,
 (feature at slot j, token after it), which both replaces its speculative entries and gives the
 next window's first draft step (refeed=False keeps the speculative entries instead).
