@@ -183,6 +183,9 @@ def test_tree_errors_are_clear():
                  sampling=SamplingConfig(coupling="inverse-cdf"))
     with pytest.raises(KForcingError, match="lossless"):
         generate(teacher, [[1, 2]], 4, tree="2,1,1")
+    small = tiny_student(teacher, draft_vocab_size=4)
+    with pytest.raises(KForcingError, match="vocabulary of 4"):
+        generate(small, [[1, 2]], 4, mode="lossless", k=3, tree="5,1")
     # all-ones widths are the chain itself
     a = generate(student, [[1, 2]], 9, mode="lossless", k=4, tree="1,1,1", seed=3)
     b = generate(student, [[1, 2]], 9, mode="lossless", k=4, seed=3)

@@ -287,6 +287,9 @@ class FeedbackStudent(nn.Module):
         only (the rest have q = 0 and never rank) with the noise of those ids."""
         B, n, D = h.shape          # 2-D: a strided 3-D input makes matmul copy the head per row
         small = self.draft_logits(h.reshape(B * n, D)).view(B, n, -1)         # (B, n, N)
+        if w > small.shape[-1]:
+            raise KForcingError(f"a draft-tree width of {w} exceeds the draft's vocabulary of "
+                                f"{small.shape[-1]} tokens")
         if self.draft_ids is not None and noise.dim() == 2:
             noise = noise.index_select(1, self.draft_ids)
         top = top_tokens(small, noise, sampling, w).flatten(1)
