@@ -68,7 +68,7 @@ def test_candidates_are_timed_in_turns(student, monkeypatch):
 
     def fake_decode(s, prompts, k, new_tokens):
         order.append(k)
-        return types.SimpleNamespace(num_tokens=len(prompts) * new_tokens, seconds=0.01)
+        return types.SimpleNamespace(num_tokens=len(prompts) * new_tokens, decode_seconds=0.01)
 
     monkeypatch.setattr(autok, "decode_once", fake_decode)
     runs = measure_tokens_per_s(student, 2, [1, 2], context=4, repeats=3, new_tokens=2)

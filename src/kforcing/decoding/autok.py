@@ -42,7 +42,11 @@ from kforcing.students.pushforward import PushForward
 CACHE_FILE = "autok.json"
 MARGIN = 0.15  # a k must beat AR by 15%: timings on a loaded VM move by 10-30% (docs/AUTOK.md)
 CONTEXT = 64           # prompt tokens during calibration (a typical mid-generation context)
-NEW_TOKENS = 16        # generated tokens per calibration run
+NEW_TOKENS = 32        # generated tokens per calibration run
+# bumped when the calibration measures something else: older cache entries are measured again
+# (2: decode time only, 32 tokens; 1 timed prefill too, over 16 tokens, which hid most of a k's
+# gain at batch 1 behind the fixed prefill cost)
+CALIBRATION = 2
 REPEATS = 3            # timed runs per candidate, after one warm-up run
 SPEED_ONLY = ("k='auto' looks at decode speed only, not at how closely the student follows its "
               "teacher: pick k by hand when fidelity matters more")
@@ -119,8 +123,9 @@ def decode_once(student, prompts: list[list[int]], k: int, new_tokens: int):
 def measure_tokens_per_s(student, batch_size: int, ks: list[int], context: int = CONTEXT,
                          *, repeats: int = REPEATS, new_tokens: int = NEW_TOKENS
                          ) -> dict[int, list[float]]:
-    """The default Timer: generated tokens/s (prefill included) of `repeats` runs per k, each
-    candidate after one warm-up run, on random prompts of `context` tokens."""
+    """The default Timer: generated tokens/s of `repeats` runs per k, each candidate after one
+    warm-up run, on random prompts of `context` tokens. Decode time only: the prefill (the
+    teacher's, the same for every k) is left out, so a run measures what k changes."""
     cfg = ar_model(student).config
     kmax = max(ks)
     context = max(1, min(context, cfg.max_seq_len - new_tokens - 2 * kmax))
@@ -136,7 +141,7 @@ def measure_tokens_per_s(student, batch_size: int, ks: list[int], context: int =
     for _ in range(repeats):          # round robin: a load change hits every candidate
         for k in ks:
             res = decode_once(student, prompts, k, new_tokens)
-            out[k].append(res.num_tokens / max(res.seconds, 1e-9))
+            out[k].append(res.num_tokens / max(res.decode_seconds, 1e-9))
     return out
 
 
@@ -179,7 +184,7 @@ def cache_key(student) -> str:
     p = next(student.parameters())
     mach = {k: v for k, v in machine_info().items() if k != "python"}
     return "-".join([_short_hash(mach), _short_hash(model_fingerprint(student)),
-                     str(p.dtype).removeprefix("torch."), p.device.type])
+                     str(p.dtype).removeprefix("torch."), p.device.type, f"c{CALIBRATION}"])
 
 
 # -- the cached decision ------------------------------------------------------------------------
