@@ -219,7 +219,13 @@ def main_first() -> Iterator[bool]:
 
 
 def teardown() -> None:
+    """Leave the process group together: a rank that destroys its gloo group while a peer is
+    still sending can abort in gloo's transport thread at exit ("terminate called without an
+    active exception", seen once in a 2-process test run), so every rank waits for the others
+    first."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
