@@ -47,3 +47,21 @@ def test_cli_generate_and_match_take_a_feedback_student(saved_tiny_model, tiny_c
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["head"] == "feedback" and rec["tau=1.0"]["windows"] == 8
     assert rec["tau=1.0"]["per_position"][0] == 1.0
+
+
+def test_cli_generate_verifies_a_draft_tree(saved_tiny_model, tmp_path, capsys):
+    """`--tree` gives the answer the chain gives (both are the teacher's AR samples), records
+    the tree, and refuses a wrong number of widths in one line."""
+    d, _ = _saved(saved_tiny_model, tmp_path)
+    texts = []
+    for flags in (["--lossless", "--tree", "3,2,1"], ["--lossless"]):
+        assert main(["generate", "--model", str(d), "--prompt", "the river", "--json",
+                     "--max-new-tokens", "12", "--seed", "3", *flags]) == 0
+        out = capsys.readouterr()
+        texts.append(json.loads(out.out.strip().splitlines()[-1])["tokens"])
+        if "--tree" in flags:
+            assert json.loads(out.err.strip().splitlines()[-1])["tree"] == [3, 2, 1]
+    assert texts[0] == texts[1]
+    assert main(["generate", "--model", str(d), "--prompt", "x", "--lossless",
+                 "--tree", "3,2"]) != 0
+    assert "needs k - 1 = 3 widths" in capsys.readouterr().err
