@@ -45,7 +45,7 @@ DEMO_PROMPTS = ("capital-france", "rain-story", "study-tips")
 
 
 # a student the full recipe (docs/TEACHERS.md) trained, used when present, best first
-RECIPE_STUDENTS = ("runs/smollm2-fb2/k2", "runs/smollm2-fb2/k1", "runs/smollm2-fb/k2",
+RECIPE_STUDENTS = ("runs/smollm2-fb2/k1", "runs/smollm2-fb2/k2", "runs/smollm2-fb/k2",
                    "runs/smollm2-fb/k1")
 
 
