@@ -61,16 +61,11 @@ class OracleFeedback(FeedbackStudent):
 
     def propose(self, window):
         ghost = copy.deepcopy(window.teacher_cache)
-        y, toks, logits = window.first, [], []
-        for i in range(window.k - 1):
-            q = self.teacher(y[:, None], input_pos=(window.pos + i)[:, None], cache=ghost)[:, -1]
-            y = window.sample(q, i)
-            toks.append(y)
-            logits.append(q)
-        if not toks:
-            return window.first.new_zeros(window.first.shape[0], 0)
-        window.q_logits = torch.stack(logits, 1)
-        return torch.stack(toks, 1)
+
+        def step(i, h, y):
+            return h, self.teacher(y[:, None], input_pos=(window.pos + i)[:, None],
+                                   cache=ghost)[:, -1]
+        return self.propose_with(window, step)
 
 
 @torch.inference_mode()

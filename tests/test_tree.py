@@ -4,12 +4,10 @@ batch-invariant), and a tree that holds the teacher's chain anywhere accepts all
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from test_exact_verify import bf16_invariant
-from test_feedback import RAGGED, ar_reference, tiny_student, tiny_teacher
+from test_feedback import RAGGED, OracleFeedback, ar_reference, tiny_student, tiny_teacher
 
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.noise import NoiseStream
@@ -19,20 +17,15 @@ from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.feedback import generate_feedback
 from kforcing.decoding.generate import generate
 from kforcing.errors import KForcingError
-from kforcing.students.feedback import FeedbackStudent
 
 
-class OracleTree(FeedbackStudent):
-    """Puts the teacher's own chain in the tree as the last child of each node on it (so the
-    walk must find it past the first candidates); other children are arbitrary distinct ids."""
+class OracleTree(OracleFeedback):
+    """Puts the teacher's own chain (OracleFeedback's proposal) in the tree as the last child of
+    each node on it (so the walk must find it past the first candidates); other children are
+    arbitrary distinct ids."""
 
     def propose_tree(self, window, tree):
-        ghost = copy.deepcopy(window.teacher_cache)
-        y, chain = window.first, []
-        for i in range(window.k - 1):
-            q = self.teacher(y[:, None], input_pos=(window.pos + i)[:, None], cache=ghost)[:, -1]
-            y = window.sample(q, i)
-            chain.append(y)
+        chain = list(self.propose(window).unbind(1))
         V, B = self.vocab_size, window.first.shape[0]
         nodes = [window.first]
         on_path = [torch.ones(B, dtype=torch.bool)]

@@ -132,7 +132,7 @@ class Attention(nn.Module):
                 # the level's nodes as a batch, each with its own copy of prefix + path: per node
                 # the kernel call of the single-node branch (bit for bit), in one call (faster
                 # than a call per node though it copies the prefix)
-                sel = tree.paths[ids.start:ids.stop, :d + 1].to(k.device)          # (n, d + 1)
+                sel = tree.on(k.device)[0][ids.start:ids.stop, :d + 1]              # (n, d + 1)
                 kv = [torch.cat([c[:, :, None, :L].expand(-1, -1, n, -1, -1), new[:, :, sel]], 3)
                       .transpose(1, 2).reshape(B * n, self.n_kv_head, L + d + 1, D)
                       for c, new in ((ck, k), (cv, v))]

@@ -94,6 +94,18 @@ class DraftTree:
             out[i] = torch.tensor(path + [i] * (self.levels - len(path)))
         return out
 
+    def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(paths (N, R), depth (N,)) on `device`, made once per device: a pass reads them in
+        every layer, a decoder in every window."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = (self.paths.to(device), torch.tensor(self.depth, device=device))
+        return self._on[key]
+
+    @cached_property
+    def _on(self) -> dict:
+        return {}
+
     @cached_property
     def ancestors(self) -> torch.Tensor:
         """(N, N) bool: node i may attend to node j (j on i's path, i itself included)."""

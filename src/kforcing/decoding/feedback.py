@@ -169,7 +169,7 @@ def _verify_tree(student: FeedbackStudent, tree: DraftTree, win: Window, per_que
     until accept_path commits the path."""
     teacher, B = student.teacher, win.first.shape[0]
     nodes = torch.cat([win.first[:, None], student.propose_tree(win, tree)], 1)   # (B, N)
-    depth = torch.tensor(tree.depth, device=nodes.device)
+    paths, depth = tree.on(nodes.device)
     npos = win.pos[:, None] + depth
     F = teacher(nodes, input_pos=npos, cache=win.teacher_cache, return_hidden=True,
                 per_query=per_query, tree=tree)                                   # (B, N, D)
@@ -177,7 +177,7 @@ def _verify_tree(student: FeedbackStudent, tree: DraftTree, win: Window, per_que
     rows = torch.arange(B, device=nodes.device)
     best, t = tree.accept(nodes, lambda d, node: sample(logits[rows, node], win.noise[:, d],
                                                         win.sampling))
-    path = tree.paths.to(nodes.device)[best]                                    # (B, k)
+    path = paths[best]                                                          # (B, k)
     return (nodes.gather(1, path), t, depth[best], F[rows[:, None], path], npos.gather(1, path),
             path)
 

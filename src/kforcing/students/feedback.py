@@ -299,13 +299,23 @@ class FeedbackStudent(nn.Module):
         """What propose computes, written plainly: every step through draft(), logits() and the
         window's sampler. The definition the fast path must equal bit for bit (tests/
         test_feedback_speed.py) and the baseline experiments/draft_cost.py times it against."""
-        h, y = window.feature, window.first
-        toks, logits = [], []
-        for i in range(window.k - 1):
+        def step(i, h, y):
             if i > 0:
                 h = self.draft(h[:, None], y[:, None], window.pos[:, None] + i - 1,
                                cache=window.draft_cache)[:, 0]
-            q = self.logits(h)
+            return h, self.logits(h)
+        return self.propose_with(window, step)
+
+    @staticmethod
+    def propose_with(window, step) -> torch.Tensor:
+        """A window's proposals drawn one step at a time: step(i, h, y) -> (h, q) gives step i's
+        state and logits (B, V) from the previous state (the window's feature at first) and
+        token; each token is drawn with its own noise. Returns y_2..y_k (B, k-1) and leaves
+        the logits in window.q_logits."""
+        h, y = window.feature, window.first
+        toks, logits = [], []
+        for i in range(window.k - 1):
+            h, q = step(i, h, y)
             y = window.sample(q, i)
             toks.append(y)
             logits.append(q)
