@@ -79,6 +79,10 @@ def test_calibrate_divides_bytes_and_flops_by_the_timed_seconds():
     assert cal.matmul_gflop_per_s == pytest.approx(2 * 8 * 64 * 64 / 1e9)
     bf = calibrate("bf16", dim=64, batch=8, repeats=1, inner=1, timer=lambda: float(next(clock)))
     assert bf.matvec_gb_per_s == pytest.approx(cal.matvec_gb_per_s / 2)   # half the bytes
+    streamed = calibrate("fp32", working_set=2 * 64 * 64 * 4 + 1, dim=64, batch=8, repeats=1,
+                         inner=1, timer=lambda: float(next(clock)))
+    assert streamed.matvec_gb_per_s == pytest.approx(3 * 64 * 64 * 4 / 1e9)   # 3 matrices
+    assert "0 MB streamed" in streamed.source
     with pytest.raises(KForcingError, match="dtype must be one of"):
         calibrate("fp16")
 

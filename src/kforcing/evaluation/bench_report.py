@@ -9,6 +9,7 @@ from kforcing.evaluation.bench_plot import series_label
 from kforcing.evaluation.roofline import (
     Calibration,
     calibrate,
+    dtype_of,
     compute_bound_batch,
     pass_costs,
     roofline_section,
@@ -21,10 +22,13 @@ def decode_context(cfg) -> int:
 
 
 def add_roofline(rows: list, model, ks: list[int], cfg, cal: Calibration | None = None) -> dict:
-    """Calibrate this machine in the benchmarked dtype (cfg.dtype); each ar / kforcing row's
-    extra gets its bound and the measured fraction of it. Returns the summary for the meta."""
-    cal = cal or calibrate(cfg.dtype)
+    """Calibrate this machine in the benchmarked dtype (cfg.dtype), streaming as many bytes as
+    the model's weights (a model that fits in the cache is judged against the cache); each
+    ar / kforcing row's extra gets its bound and the measured fraction of it. Returns the
+    summary for the meta."""
     costs = pass_costs(model, ks, decode_context(cfg))
+    weight_bytes = costs[0].weight_params() * dtype_of(cfg.dtype).itemsize
+    cal = cal or calibrate(cfg.dtype, working_set=weight_bytes)
     by_label = {"ar": costs[0], **{f"kforcing k={c.tokens_per_row}": c for c in costs[1:]}}
     for r in rows:
         label = series_label({**asdict(r), "machine": {}})

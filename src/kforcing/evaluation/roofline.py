@@ -73,22 +73,35 @@ def _median_seconds(fn: Callable[[], object], repeats: int, inner: int,
     return max(statistics.median(times), 1e-12)
 
 
-def calibrate(dtype: str = "fp32", *, dim: int = 2048, batch: int = 256, repeats: int = 5,
-              inner: int = 4, timer: Callable[[], float] = time.perf_counter) -> Calibration:
-    """Measure this machine (the current thread count): a (1 x D) @ (D x D) product for the
-    bandwidth (D = 2048: 16 MB of fp32, out of cache) and a (batch x D) @ (D x D) product for
-    the matmul rate, median of `repeats`."""
+def calibrate(dtype: str = "fp32", *, working_set: int | None = None, dim: int = 2048,
+              batch: int = 256, repeats: int = 5, inner: int = 4,
+              timer: Callable[[], float] = time.perf_counter) -> Calibration:
+    """Measure this machine (the current thread count), median of `repeats`:
+
+    - bandwidth: one (1 x D) @ (D x D) product through each of n matrices in turn, n of them
+      holding `working_set` bytes (at least one). Pass the model's weight bytes: a model whose
+      weights fit in the last-level cache streams them at the cache's rate, a larger one at the
+      memory's (on this project's CPU the L3 holds 300 MiB, so a single 16 MB matrix measures
+      the cache, not DRAM);
+    - the matmul rate: a (batch x D) @ (D x D) product."""
     dt = dtype_of(dtype)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(dim, dim, generator=g).to(dt)
+    matrix_bytes = w.numel() * w.element_size()
+    n = max(1, -(-(working_set or matrix_bytes) // matrix_bytes))
+    ws = [w] + [torch.randn(dim, dim, generator=g).to(dt) for _ in range(n - 1)]
     x1 = torch.randn(1, dim, generator=g).to(dt)
     xb = torch.randn(batch, dim, generator=g).to(dt)
+
+    def stream() -> None:
+        for m in ws:
+            F.linear(x1, m)
     with torch.inference_mode():
-        mv = _median_seconds(lambda: F.linear(x1, w), repeats, inner, timer)
+        mv = _median_seconds(stream, repeats, inner, timer)
         mm = _median_seconds(lambda: F.linear(xb, w), repeats, inner, timer)
-    return Calibration(dtype, w.numel() * w.element_size() / mv / 1e9,
-                       2 * batch * dim * dim / mm / 1e9,
-                       f"measured, {torch.get_num_threads()} thread(s)")
+    return Calibration(dtype, n * matrix_bytes / mv / 1e9, 2 * batch * dim * dim / mm / 1e9,
+                       f"measured, {torch.get_num_threads()} thread(s), "
+                       f"{n * matrix_bytes / 1e6:.0f} MB streamed")
 
 
 # -- the model ----------------------------------------------------------------------------------
