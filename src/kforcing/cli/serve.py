@@ -37,7 +37,8 @@ def cmd_serve(args) -> None:
     _need_extra()
     cfg = ServeConfig(model=args.model, host=args.host, port=args.port,
                       api_key=args.api_key or os.environ.get("KFORCING_API_KEY") or None,
-                      mode=args.mode, k=args.k, max_batch=args.max_batch, device=args.device,
+                      mode=args.mode, k=args.k, max_batch=args.max_batch,
+                      batch_wait_ms=args.batch_wait_ms, device=args.device,
                       name=args.name, grace_s=args.grace, max_body=args.max_body,
                       autok_cache=args.cache, log_level=args.log_level)
     server.serve(cfg)
@@ -62,8 +63,8 @@ def cmd_bench_serve(args) -> None:
         rows = bench.bench_serve(args.url, model, cfg, api_key=args.api_key, log=log)
         server_args: list[str] = []
     else:
-        server_args = ["--k", str(args.k), "--max-batch", str(args.max_batch), "--device",
-                       args.device]
+        server_args = ["--k", str(args.k), "--max-batch", str(args.max_batch),
+                       "--batch-wait-ms", str(args.batch_wait_ms), "--device", args.device]
         rows, model = bench.run_with_server(args.model, server_args, cfg, log=log)
     meta = {"command": "kforcing " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "model": model, "model_dir": args.model, "url": args.url,
@@ -91,6 +92,9 @@ def add_parser(sub) -> None:
                     "docs/AUTOK.md); default: the checkpoint's max_k")
     sp.add_argument("--max-batch", type=count, default=defaults.max_batch,
                     help="most requests decoded together")
+    sp.add_argument("--batch-wait-ms", type=non_negative, default=defaults.batch_wait_ms,
+                    help="when fewer requests wait than the last wave had, wait up to this "
+                    "long for more before starting the next wave (0: start at once)")
     sp.add_argument("--name", default=None,
                     help="model id clients send (default: the directory's name)")
     sp.add_argument("--grace", type=non_negative, default=defaults.grace_s,
@@ -123,6 +127,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--k", type=k_or_auto, default="auto", help="the server's --k (--model)")
     sp.add_argument("--max-batch", type=count, default=128,
                     help="the server's --max-batch (--model)")
+    sp.add_argument("--batch-wait-ms", type=non_negative, default=defaults.batch_wait_ms,
+                    help="the server's --batch-wait-ms (--model)")
     sp.add_argument("--out", default="docs/results/serve.json")
     device_flag(sp)
     sp.set_defaults(run=cmd_bench_serve)

@@ -9,8 +9,8 @@ from kforcing.evaluation.bench_plot import series_label
 from kforcing.evaluation.roofline import (
     Calibration,
     calibrate,
-    dtype_of,
     compute_bound_batch,
+    dtype_of,
     pass_costs,
     roofline_section,
 )

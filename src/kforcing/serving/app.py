@@ -100,6 +100,8 @@ def create_app(engine: Engine, scheduler: Scheduler,
         body = {"status": "draining" if scheduler.draining else "ok",
                 "model": engine.served.name, "pending": scheduler.pending,
                 "running": len(scheduler.running), "waves": scheduler.waves}
+        if auto := engine.auto_summary():
+            body["k_auto"] = auto
         return JSONResponse(body, status_code=503 if scheduler.draining else 200)
 
     @app.get("/v1/models")

@@ -22,6 +22,7 @@ class ServeConfig:
     mode: str | None = None              # default: "ar" for a teacher, "kforcing" for a student
     k: int | str | None = None           # default: the checkpoint's max_k; or "auto"
     max_batch: int = 32
+    batch_wait_ms: float = 20.0          # longest wait for a wave to fill (scheduler.Scheduler)
     device: str = "cpu"
     name: str | None = None              # the model id clients send (default: directory name)
     grace_s: float = GRACE_S
@@ -33,6 +34,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise KForcingError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise KForcingError(f"--batch-wait-ms must be in [0, 10000], got {self.batch_wait_ms}")
         if not 0 <= self.port <= 65535:
             raise KForcingError(f"--port must be in [0, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key.strip():

@@ -6,6 +6,7 @@ size (`--k auto`), and run one wave through `kforcing.decoding.generate.generate
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import load_model, tokenizer_path
 from kforcing.io.hub import chat_template, render_chat
 from kforcing.io.tokenizers import load_tokenizer
+from kforcing.serving.autotune import WaveTuner
 from kforcing.serving.scheduler import OnTokens, Plan, Wave, WaveKey
 from kforcing.serving.schemas import APIError
 from kforcing.students.feedback import (
@@ -149,7 +151,8 @@ def _chat_config(dirs: list[Path]) -> dict | None:
 
 class Engine:
     """Decodes waves for the scheduler. mode/k: the server's defaults (a request may override
-    them); k "auto" picks k per batch size from the calibration in kforcing.decoding.autok."""
+    them); k "auto" picks k per batch size from the calibration in kforcing.decoding.autok,
+    corrected by the tokens/s of the server's own waves (kforcing.serving.autotune)."""
 
     def __init__(self, served: ServedModel, *, mode: str | None = None, k: int | str | None = None,
                  autok_cache: str | Path | None = None):
@@ -158,6 +161,7 @@ class Engine:
         self.k = served.max_k if k is None else k
         self.autok_cache = autok_cache
         self._auto: dict[int, int] = {}       # batch-size bucket -> calibrated k
+        self._tuners: dict[str, WaveTuner] = {}   # mode -> its --k auto choices
         self.check(self.mode, self.k, temperature=1.0, top_p=1.0, flag=True)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -202,10 +206,23 @@ class Engine:
         if key.mode == "ar":
             return Plan("ar", 1)
         if k == "auto":
-            k = self.auto_k(batch_size)
+            k = self.tuner(key.mode).choose(batch_size)
             if k == 1 and self.served.ar_model is not None:
-                return Plan("ar", 1)     # AR wins at this batch size (lossless == AR samples)
+                # AR wins at this batch size (lossless == AR samples)
+                return Plan("ar", 1, tuned=True)
+            return Plan(key.mode, k, tuned=True)
         return Plan(key.mode, k)
+
+    def tuner(self, mode: str) -> WaveTuner:
+        """The `--k auto` choices of one mode, learning from its waves."""
+        if mode not in self._tuners:
+            self._tuners[mode] = WaveTuner(self.auto_k, self.served.max_k, mode)
+        return self._tuners[mode]
+
+    def auto_summary(self) -> dict:
+        """Per mode and batch-size bucket: the calibrated k, the k chosen now and the median
+        tokens/s of each arm's recent waves (GET /health)."""
+        return {mode: t.summary() for mode, t in self._tuners.items()}
 
     def auto_k(self, batch_size: int) -> int:
         """k for this batch size (calibrated once per power-of-two bucket, cached on disk)."""
@@ -239,4 +256,8 @@ class Engine:
             kw["k"] = plan.k
         if plan.mode == "lossless" and s.kind == "student" and s.model.teacher is None:
             kw["teacher"] = s.ar_model
-        generate(model, wave.prompts, wave.max_new_tokens, on_tokens=on_tokens, **kw)
+        t0 = time.perf_counter()
+        res = generate(model, wave.prompts, wave.max_new_tokens, on_tokens=on_tokens, **kw)
+        if plan.tuned:
+            self.tuner(key.mode).record(len(wave.prompts), plan.k, res.num_tokens,
+                                        time.perf_counter() - t0)

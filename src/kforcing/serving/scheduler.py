@@ -58,9 +58,10 @@ class Wave:
 @dataclass(frozen=True)
 class Plan:
     """How the engine decodes a wave: the mode and k it resolved (`--k auto` picks k per batch
-    size, and may pick plain AR)."""
+    size, and may pick plain AR; `tuned` marks such a choice, whose wave the engine times)."""
     mode: str
     k: int
+    tuned: bool = field(default=False, compare=False)
 
 
 class Engine(Protocol):
@@ -172,12 +173,22 @@ class Job:
 
 
 class Scheduler:
-    """Collects jobs into waves and runs them on one decode thread."""
+    """Collects jobs into waves and runs them on one decode thread.
 
-    def __init__(self, engine: Engine, max_batch: int):
+    max_wait_s: when the decode thread is free and fewer requests wait than the last wave had,
+    it waits up to this long for more before it starts the next wave. Clients whose requests just
+    ended send their next ones a few milliseconds later; without the wait the next wave starts
+    with whichever arrived first, the rest wait a whole wave, and a full load splits into waves
+    of changing sizes. A load below the last wave's size pays the wait once, then the target
+    follows it down."""
+
+    def __init__(self, engine: Engine, max_batch: int, max_wait_s: float = 0.02):
         if max_batch < 1:
             raise KForcingError(f"max_batch must be >= 1, got {max_batch}")
-        self.engine, self.max_batch = engine, max_batch
+        if not max_wait_s >= 0:
+            raise KForcingError(f"the batch wait must be >= 0 seconds, got {max_wait_s}")
+        self.engine, self.max_batch, self.max_wait_s = engine, max_batch, max_wait_s
+        self._last_size = 1
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -241,10 +252,20 @@ class Scheduler:
                                               "started", code="shutting_down"))
                         self._pending.clear()
                         continue
+                    self._gather()
                     return self._take_wave()
                 if self._closed or self._deadline is not None:
                     return None
                 self._cond.wait()
+
+    def _gather(self) -> None:
+        """Wait (the lock released) up to max_wait_s while fewer jobs wait than the last wave
+        had, unless the server is closing."""
+        end = time.perf_counter() + self.max_wait_s
+        target = min(self._last_size, self.max_batch)
+        while (len(self._pending) < target and not self._closed and self._deadline is None
+               and (left := end - time.perf_counter()) > 0):
+            self._cond.wait(left)
 
     def _take_wave(self) -> list[Job]:
         head = self._pending[0]
@@ -260,6 +281,7 @@ class Scheduler:
                 max_new = new_max
         for job in wave:
             self._pending.remove(job)
+        self._last_size = len(wave)
         return wave
 
     def _run(self, jobs: list[Job]) -> None:

@@ -46,7 +46,7 @@ def build(cfg: ServeConfig) -> tuple[_Server, Engine, Scheduler]:
     served = load_served(Path(cfg.model), device=cfg.device, name=cfg.name)
     engine = Engine(served, mode=cfg.mode, k=cfg.k, autok_cache=cfg.autok_cache)
     engine.warm_up(cfg.max_batch)
-    scheduler = Scheduler(engine, cfg.max_batch)
+    scheduler = Scheduler(engine, cfg.max_batch, cfg.batch_wait_ms / 1000)
     app = create_app(engine, scheduler, ServerSettings(
         api_key=cfg.api_key, max_body=cfg.max_body, default_max_tokens=cfg.default_max_tokens))
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,

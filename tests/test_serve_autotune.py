@@ -1,0 +1,132 @@
+"""`--k auto` in the server learns from its own waves (serving.autotune), and the scheduler waits
+briefly for a wave to fill (Scheduler.max_wait_s)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+
+from _serve_util import CONTEXT, SlowEngine, make_models, served  # noqa: E402
+
+from kforcing.decoding import autok  # noqa: E402
+from kforcing.errors import KForcingError  # noqa: E402
+from kforcing.serving import autotune  # noqa: E402
+from kforcing.serving.autotune import WaveTuner  # noqa: E402
+from kforcing.serving.config import ServeConfig  # noqa: E402
+from kforcing.serving.engine import Engine  # noqa: E402
+from kforcing.serving.scheduler import Job, Plan, Scheduler, WaveKey  # noqa: E402
+from kforcing.serving.text import TextStream  # noqa: E402
+
+
+def run_waves(tuner: WaveTuner, batch: int, rates: dict[int, float], n: int) -> list[int]:
+    """n waves of `batch` rows; a wave decoded with k gives rates[k] tokens per second."""
+    ks = []
+    for _ in range(n):
+        k = tuner.choose(batch)
+        tuner.record(batch, k, int(rates[k] * 10), 10.0)
+        ks.append(k)
+    return ks
+
+
+def test_tuner_tries_both_arms_then_keeps_the_faster_and_explores():
+    priors = []
+    tuner = WaveTuner(lambda b: priors.append(b) or (4 if b == 1 else 1), max_k=4)
+    ks = run_waves(tuner, 1, {1: 100.0, 4: 150.0}, 40)
+    n = 2 * autotune.MIN_WAVES
+    assert ks[:n] == [4] * (n // 2) + [1] * (n // 2)    # the calibration's pick first
+    exploit = ks[n:]
+    assert exploit.count(1) == sum(1 for w in range(n + 1, 41) if w % autotune.EXPLORE_EVERY == 0)
+    assert all(k == 4 for w, k in zip(range(n + 1, 41), exploit, strict=True)
+               if w % autotune.EXPLORE_EVERY)
+    # a bucket the calibration gave to AR still tries max_k, and takes it where it is faster
+    # by more than the margin
+    ks = run_waves(tuner, 8, {1: 100.0, 4: 120.0}, 20)
+    assert ks[:n] == [1] * (n // 2) + [4] * (n // 2) and ks[n:].count(4) == 20 - n - 1
+    assert run_waves(tuner, 32, {1: 100.0, 4: 103.0}, 20)[n:].count(4) == 1   # within margin
+    assert priors == [1, 8, 32]                        # calibrated once per bucket (8..15: 8)
+    assert tuner.summary()["8"]["chosen"] == 4
+
+
+def test_tuner_follows_a_change_of_speed():
+    tuner = WaveTuner(lambda b: 4, max_k=4)
+    run_waves(tuner, 2, {1: 100.0, 4: 200.0}, 20)
+    assert tuner.choose(2) == 4
+    # the machine changes: AR is now faster; exploration waves bring it back within the window
+    ks = run_waves(tuner, 2, {1: 300.0, 4: 200.0}, 6 * autotune.EXPLORE_EVERY)
+    assert ks[-autotune.EXPLORE_EVERY + 1:].count(4) <= 1
+    assert tuner.summary()["2"]["chosen"] == 1
+
+
+def test_tuner_with_max_k_one_is_ar():
+    tuner = WaveTuner(lambda b: 1, max_k=1)
+    assert run_waves(tuner, 4, {1: 10.0}, 5) == [1] * 5
+
+
+@pytest.fixture(scope="module")
+def student(tiny_corpus, tiny_tokenizer, tmp_path_factory):
+    _, sdir = make_models(tmp_path_factory.mktemp("served"), tiny_corpus.tokenizer_path,
+                          tiny_tokenizer)
+    return served(sdir)
+
+
+def test_engine_times_auto_waves_and_reports_them(student, monkeypatch):
+    monkeypatch.setattr(autok, "choose_k", lambda m, b, cache=None: SimpleNamespace(
+        k=4 if b == 1 else 1, reason="fake timer"))
+    engine = Engine(student, k="auto")
+    key = WaveKey("lossless", "auto", 1.0, 1.0, True)
+    wave = SimpleNamespace(key=key, prompts=[[5, 6, 7]], seeds=[3], max_new_tokens=6)
+    plan = engine.plan(key, 1)
+    assert plan == Plan("lossless", 4) and plan.tuned
+    for _ in range(autotune.MIN_WAVES - 1):
+        engine.decode(wave, engine.plan(key, 1), lambda new: None)
+    engine.decode(wave, plan, lambda new: None)
+    second = engine.plan(key, 1)
+    engine.decode(wave, second, lambda new: None)
+    assert second == Plan("ar", 1) and second.tuned    # the other arm's first wave
+    rates = engine.auto_summary()["lossless"]["1"]["median_tokens_per_s"]
+    assert rates["4"] > 0 and rates["1"] > 0
+    fixed = engine.plan(WaveKey("lossless", 2, 1.0, 1.0, True), 1)
+    assert fixed == Plan("lossless", 2) and not fixed.tuned
+
+
+def test_scheduler_waits_for_a_wave_to_fill(student):
+    engine = SlowEngine(student, delay=0.0)
+    sched = Scheduler(engine, max_batch=8, max_wait_s=5.0)
+    loop = asyncio.new_event_loop()
+    key = WaveKey("ar", 1, 1.0, 1.0, True)
+
+    def job():
+        return Job(prompt=[5, 6], seed=1, key=key,
+                   text=TextStream(lambda ids: "x" * len(ids), max_tokens=3),
+                   usable_context=CONTEXT, loop=loop)
+
+    jobs = [job() for _ in range(3)]
+    for j in jobs:
+        sched.submit(j)
+    sched.start()
+    deadline = time.monotonic() + 30
+    while not all(j.done for j in jobs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # the clients of a wave of 3 come back one by one: the next wave waits for all three
+    later = [job() for _ in range(3)]
+    for j in later:
+        sched.submit(j)
+        time.sleep(0.05)
+    while not all(j.done for j in later) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # a lone request waits at most max_wait_s; closing the server ends the wait at once
+    last = job()
+    sched.submit(last)
+    sched.close(timeout=20)
+    loop.close()
+    assert [len(w.prompts) for w in engine.waves] == [3, 3, 1]
+    assert all(j.done for j in [*jobs, *later, last])
+    with pytest.raises(KForcingError, match="batch wait"):
+        Scheduler(engine, max_batch=2, max_wait_s=-1)
+    with pytest.raises(KForcingError, match="--batch-wait-ms"):
+        ServeConfig(model="m", batch_wait_ms=-5)
