@@ -11,13 +11,13 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 
-from _serve_util import CONTEXT, SlowEngine, make_models, served  # noqa: E402
+from _serve_util import CONTEXT, ServerThread, SlowEngine, make_models, served  # noqa: E402
 
 from kforcing.decoding import autok  # noqa: E402
 from kforcing.errors import KForcingError  # noqa: E402
-from kforcing.serving import autotune  # noqa: E402
+from kforcing.serving import autotune, bench  # noqa: E402
 from kforcing.serving.autotune import WaveTuner  # noqa: E402
-from kforcing.serving.config import ServeConfig  # noqa: E402
+from kforcing.serving.config import BenchServeConfig, ServeConfig  # noqa: E402
 from kforcing.serving.engine import Engine  # noqa: E402
 from kforcing.serving.scheduler import Job, Plan, Scheduler, WaveKey  # noqa: E402
 from kforcing.serving.text import TextStream  # noqa: E402
@@ -82,12 +82,14 @@ def test_engine_times_auto_waves_and_reports_them(student, monkeypatch):
     wave = SimpleNamespace(key=key, prompts=[[5, 6, 7]], seeds=[3], max_new_tokens=6)
     plan = engine.plan(key, 1)
     assert plan == Plan("lossless", 4) and plan.tuned
-    for _ in range(autotune.MIN_WAVES - 1):
+    engine.decode(wave, plan, lambda new: None)         # a decoder's first wave: not counted
+    assert engine.plan(key, 1) == plan
+    for _ in range(autotune.MIN_WAVES):
         engine.decode(wave, engine.plan(key, 1), lambda new: None)
-    engine.decode(wave, plan, lambda new: None)
     second = engine.plan(key, 1)
-    engine.decode(wave, second, lambda new: None)
     assert second == Plan("ar", 1) and second.tuned    # the other arm's first wave
+    for _ in range(1 + autotune.MIN_WAVES):
+        engine.decode(wave, second, lambda new: None)
     rates = engine.auto_summary()["lossless"]["1"]["median_tokens_per_s"]
     assert rates["4"] > 0 and rates["1"] > 0
     fixed = engine.plan(WaveKey("lossless", 2, 1.0, 1.0, True), 1)
@@ -130,3 +132,16 @@ def test_scheduler_waits_for_a_wave_to_fill(student):
         Scheduler(engine, max_batch=2, max_wait_s=-1)
     with pytest.raises(KForcingError, match="--batch-wait-ms"):
         ServeConfig(model="m", batch_wait_ms=-5)
+
+
+def test_bench_serve_rows_carry_what_k_auto_learned(student, monkeypatch):
+    monkeypatch.setattr(autok, "choose_k", lambda m, b, cache=None: SimpleNamespace(
+        k=4, reason="fake timer"))
+    cfg = BenchServeConfig(modes=("kforcing",), concurrency=(1,), requests=4, max_tokens=5,
+                           warmup=0)
+    with ServerThread(Engine(student, k="auto"), max_batch=4) as srv:
+        (row,) = bench.bench_serve(srv.url, "student", cfg)
+    assert (row["errors"], row["lost"], row["truncated"]) == (0, 0, 0)
+    learned = row["k_auto"]["1"]
+    assert learned["calibrated"] == 4 and set(learned["median_tokens_per_s"]) == {"1", "4"}
+    assert learned["waves"] == 4

@@ -130,9 +130,20 @@ def bench_serve(url: str, model: str, cfg: BenchServeConfig, *, api_key: str | N
             results, secs = asyncio.run(run_cell(url, model, cfg, mode, c, cfg.requests,
                                                  api_key))
             rows.append(summarize(mode, c, cfg, results, secs))
+            if auto := _health(url).get("k_auto", {}).get(mode):
+                rows[-1]["k_auto"] = auto      # what --k auto had learned after this cell
             if log:
                 log(json.dumps(rows[-1]))
     return rows
+
+
+def _health(url: str) -> dict:
+    """GET /health (an empty dict when the server does not answer)."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10) as r:
+            return json.load(r)
+    except (OSError, ValueError):
+        return {}
 
 
 def write_rows(path: str | Path, rows: list[dict], meta: dict) -> None:

@@ -162,6 +162,7 @@ class Engine:
         self.autok_cache = autok_cache
         self._auto: dict[int, int] = {}       # batch-size bucket -> calibrated k
         self._tuners: dict[str, WaveTuner] = {}   # mode -> its --k auto choices
+        self._warm: set[tuple[str, int]] = set()   # (mode, k) decoded at least once
         self.check(self.mode, self.k, temperature=1.0, top_p=1.0, flag=True)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -258,6 +259,9 @@ class Engine:
             kw["teacher"] = s.ar_model
         t0 = time.perf_counter()
         res = generate(model, wave.prompts, wave.max_new_tokens, on_tokens=on_tokens, **kw)
-        if plan.tuned:
+        # a decoder's first wave pays one-time costs (allocator, kernel selection, the batch-
+        # invariance probe of lossless decoding): it does not count towards --k auto
+        if plan.tuned and (plan.mode, plan.k) in self._warm:
             self.tuner(key.mode).record(len(wave.prompts), plan.k, res.num_tokens,
                                         time.perf_counter() - t0)
+        self._warm.add((plan.mode, plan.k))
