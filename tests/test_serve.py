@@ -33,6 +33,7 @@ from _serve_util import (  # noqa: E402
 
 from kforcing.cli import serve as cli_serve  # noqa: E402
 from kforcing.decoding import autok  # noqa: E402
+from kforcing.errors import KForcingError  # noqa: E402
 from kforcing.io.checkpoint import load_model  # noqa: E402
 from kforcing.serving import bench  # noqa: E402
 from kforcing.serving.app import ServerSettings  # noqa: E402
@@ -401,15 +402,18 @@ def test_text_stream_stop_sequences_and_partial_characters():
 
 def test_bench_serve_rows(student, tmp_path):
     cfg = BenchServeConfig(modes=("ar", "kforcing", "lossless"), concurrency=(1, 4),
-                           requests=6, max_tokens=6, warmup=1)
+                           requests=7, max_tokens=6, warmup=1, rounds=2)
     with ServerThread(Engine(student), max_batch=8) as srv:
         rows = bench.bench_serve(srv.url, "student", cfg)
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
         (m, c) for m in cfg.modes for c in cfg.concurrency]
     for r in rows:
         assert set(ROW_KEYS) <= set(r)
-        assert (r["requests"], r["errors"], r["lost"], r["truncated"]) == (6, 0, 0, 0), r
+        assert (r["requests"], r["errors"], r["lost"], r["truncated"]) == (7, 0, 0, 0), r
+        assert r["rounds"] == 2
         assert r["tokens_per_s"] > 0 and r["p50_ms"] <= r["p95_ms"]
+    with pytest.raises(KForcingError, match="rounds must be"):
+        BenchServeConfig(requests=3, rounds=4)
     bench.write_rows(tmp_path / "serve.json", rows, {"command": "test"})
     assert json.loads((tmp_path / "serve.json").read_text()) == rows
 

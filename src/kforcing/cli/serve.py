@@ -56,7 +56,8 @@ def cmd_bench_serve(args) -> None:
                             f"'{args.modes}'")
     cfg = BenchServeConfig(modes=modes, concurrency=ints(args.concurrency, "--concurrency"),
                            requests=args.requests, max_tokens=args.max_tokens,
-                           temperature=args.temperature, warmup=args.warmup)
+                           temperature=args.temperature, warmup=args.warmup,
+                           rounds=args.rounds)
     log = lambda line: print(line, file=sys.stderr, flush=True)   # noqa: E731
     if args.url:
         model = bench.served_model_id(args.url, args.api_key)
@@ -124,6 +125,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--temperature", type=non_negative, default=bdef.temperature)
     sp.add_argument("--warmup", type=natural, default=bdef.warmup,
                     help="uncounted requests per mode first")
+    sp.add_argument("--rounds", type=count, default=bdef.rounds,
+                    help="split each concurrency's cells into this many rounds in which the "
+                    "modes take turns, so drift in the machine's speed hits every mode alike")
     sp.add_argument("--k", type=k_or_auto, default="auto", help="the server's --k (--model)")
     sp.add_argument("--max-batch", type=count, default=128,
                     help="the server's --max-batch (--model)")

@@ -6,8 +6,10 @@ with `kforcing.ignore_eos` so that it must return exactly `max_tokens` tokens. P
 throughput (completion tokens / wall seconds), latency percentiles, time to first token,
 errors (non-2xx or a broken connection), lost (a stream that ended without its final chunk)
 and truncated (fewer tokens than asked) responses. A few warm-up requests per mode come first
-and are not counted. The server is started by `run_with_server` (a `kforcing serve`
-subprocess) or already running (`--url`).
+and are not counted. With `rounds` > 1 each concurrency's cells are split into that many rounds
+in which the modes take turns (the order rotating), so that a machine whose speed drifts during
+the run slows every mode alike; a row sums its rounds. The server is started by
+`run_with_server` (a `kforcing serve` subprocess) or already running (`--url`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class _Result:
 
 
 async def _one(client, model: str, cfg: BenchServeConfig, mode: str, i: int) -> _Result:
+    """Request i: prompt i (cycling through cfg.prompts) with seed i."""
     kf = {"mode": mode, "ignore_eos": True}
     if cfg.k is not None and mode != "ar":
         kf["k"] = cfg.k
@@ -72,8 +75,10 @@ async def _one(client, model: str, cfg: BenchServeConfig, mode: str, i: int) -> 
 
 
 async def run_cell(url: str, model: str, cfg: BenchServeConfig, mode: str, concurrency: int,
-                   n: int, api_key: str | None = None) -> tuple[list[_Result], float]:
-    """n requests, at most `concurrency` in flight: (results, wall seconds)."""
+                   n: int, api_key: str | None = None, start: int = 0
+                   ) -> tuple[list[_Result], float]:
+    """Requests start .. start + n - 1, at most `concurrency` in flight: (results, wall
+    seconds)."""
     sem = asyncio.Semaphore(concurrency)
     async with AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none",
                            timeout=cfg.timeout_s, max_retries=0) as client:
@@ -82,7 +87,7 @@ async def run_cell(url: str, model: str, cfg: BenchServeConfig, mode: str, concu
                 return await _one(client, model, cfg, mode, i)
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(bounded(i) for i in range(n)))
+        results = await asyncio.gather(*(bounded(start + i) for i in range(n)))
         return list(results), time.perf_counter() - t0
 
 
@@ -120,21 +125,30 @@ def summarize(mode: str, concurrency: int, cfg: BenchServeConfig, results: list[
 
 def bench_serve(url: str, model: str, cfg: BenchServeConfig, *, api_key: str | None = None,
                 log=None) -> list[dict]:
-    """Every (mode, concurrency) cell against the server at url; one row each."""
-    rows = []
+    """Every (mode, concurrency) cell against the server at url; one row each, modes first."""
     for mode in cfg.modes:
         if cfg.warmup:
             asyncio.run(run_cell(url, model, cfg, mode, min(cfg.warmup, max(cfg.concurrency)),
                                  cfg.warmup, api_key))
-        for c in cfg.concurrency:
-            results, secs = asyncio.run(run_cell(url, model, cfg, mode, c, cfg.requests,
-                                                 api_key))
-            rows.append(summarize(mode, c, cfg, results, secs))
+    cells: dict[tuple[str, int], dict] = {}
+    for c in cfg.concurrency:
+        got: dict[str, tuple[list[_Result], float]] = {m: ([], 0.0) for m in cfg.modes}
+        for r in range(cfg.rounds):
+            n = cfg.requests // cfg.rounds + (r < cfg.requests % cfg.rounds)
+            turn = r % len(cfg.modes)
+            for mode in cfg.modes[turn:] + cfg.modes[:turn]:
+                results, secs = asyncio.run(run_cell(url, model, cfg, mode, c, n, api_key,
+                                                     start=len(got[mode][0])))
+                got[mode] = (got[mode][0] + results, got[mode][1] + secs)
+        for mode in cfg.modes:
+            row = summarize(mode, c, cfg, *got[mode])
+            row["rounds"] = cfg.rounds
             if auto := _health(url).get("k_auto", {}).get(mode):
-                rows[-1]["k_auto"] = auto      # what --k auto had learned after this cell
+                row["k_auto"] = auto      # what --k auto had learned by the end of these rounds
+            cells[mode, c] = row
             if log:
-                log(json.dumps(rows[-1]))
-    return rows
+                log(json.dumps(row))
+    return [cells[m, c] for m in cfg.modes for c in cfg.concurrency]
 
 
 def _health(url: str) -> dict:

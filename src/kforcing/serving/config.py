@@ -61,6 +61,7 @@ class BenchServeConfig:
     temperature: float = 1.0
     k: int | str | None = None         # per request; None: the server's --k
     warmup: int = 4                    # requests per mode before measuring
+    rounds: int = 1                    # a concurrency's cells in rounds, modes taking turns
     timeout_s: float = 600.0           # one request
     prompts: tuple[str, ...] = PROMPTS
 
@@ -71,5 +72,8 @@ class BenchServeConfig:
             raise KForcingError(f"bench-serve: concurrency must be >= 1, got {self.concurrency}")
         if not self.prompts:
             raise KForcingError("bench-serve: no prompts")
+        if not 1 <= self.rounds <= self.requests:
+            raise KForcingError(f"bench-serve: rounds must be in [1, requests={self.requests}], "
+                                f"got {self.rounds}")
 
 
