@@ -33,33 +33,39 @@ def run_waves(tuner: WaveTuner, batch: int, rates: dict[int, float], n: int) -> 
     return ks
 
 
+def explored(ks: list[int], chosen: int) -> list[int]:
+    """The 1-based wave numbers that decoded with the arm not chosen."""
+    return [w for w, k in enumerate(ks, 1) if k != chosen]
+
+
 def test_tuner_tries_both_arms_then_keeps_the_faster_and_explores():
     priors = []
     tuner = WaveTuner(lambda b: priors.append(b) or (4 if b == 1 else 1), max_k=4)
-    ks = run_waves(tuner, 1, {1: 100.0, 4: 150.0}, 40)
-    n = 2 * autotune.MIN_WAVES
+    n, E = 2 * autotune.MIN_WAVES, autotune.EXPLORE_EVERY
+    # k=4 10% faster: AR (a close second) is tried again every E waves
+    ks = run_waves(tuner, 1, {1: 100.0, 4: 110.0}, 3 * E + n)
     assert ks[:n] == [4] * (n // 2) + [1] * (n // 2)    # the calibration's pick first
-    exploit = ks[n:]
-    assert exploit.count(1) == sum(1 for w in range(n + 1, 41) if w % autotune.EXPLORE_EVERY == 0)
-    assert all(k == 4 for w, k in zip(range(n + 1, 41), exploit, strict=True)
-               if w % autotune.EXPLORE_EVERY)
-    # a bucket the calibration gave to AR still tries max_k, and takes it where it is faster
-    # by more than the margin
-    ks = run_waves(tuner, 8, {1: 100.0, 4: 120.0}, 20)
-    assert ks[:n] == [1] * (n // 2) + [4] * (n // 2) and ks[n:].count(4) == 20 - n - 1
-    assert run_waves(tuner, 32, {1: 100.0, 4: 103.0}, 20)[n:].count(4) == 1   # within margin
+    assert explored(ks[n:], 4) == [E, 2 * E, 3 * E]
+    # a bucket the calibration gave to AR still tries max_k; k=4 50% faster: AR, clearly
+    # slower, is tried again only after 4 E waves
+    ks = run_waves(tuner, 8, {1: 100.0, 4: 150.0}, 4 * E + n)
+    assert ks[:n] == [1] * (n // 2) + [4] * (n // 2)
+    assert explored(ks[n:], 4) == [4 * E - autotune.MIN_WAVES]
+    # within the margin AR is kept, and k=4 tried every E waves
+    ks = run_waves(tuner, 32, {1: 100.0, 4: 103.0}, 2 * E + n)
+    assert explored(ks[n:], 1) == [E, 2 * E]
     assert priors == [1, 8, 32]                        # calibrated once per bucket (8..15: 8)
-    assert tuner.summary()["8"]["chosen"] == 4
+    assert tuner.summary()["8"]["chosen"] == 4 and tuner.summary()["32"]["chosen"] == 1
 
 
 def test_tuner_follows_a_change_of_speed():
     tuner = WaveTuner(lambda b: 4, max_k=4)
-    run_waves(tuner, 2, {1: 100.0, 4: 200.0}, 20)
+    run_waves(tuner, 2, {1: 100.0, 4: 110.0}, 20)
     assert tuner.choose(2) == 4
     # the machine changes: AR is now faster; exploration waves bring it back within the window
-    ks = run_waves(tuner, 2, {1: 300.0, 4: 200.0}, 6 * autotune.EXPLORE_EVERY)
-    assert ks[-autotune.EXPLORE_EVERY + 1:].count(4) <= 1
+    ks = run_waves(tuner, 2, {1: 300.0, 4: 200.0}, 12 * autotune.EXPLORE_EVERY)
     assert tuner.summary()["2"]["chosen"] == 1
+    assert ks[-autotune.EXPLORE_EVERY:].count(4) <= 1
 
 
 def test_tuner_with_max_k_one_is_ar():

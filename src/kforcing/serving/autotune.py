@@ -12,8 +12,9 @@ AR), and the tokens/s of the recent waves each arm decoded:
 - the first waves of a bucket try each arm MIN_WAVES times, the calibration's pick first;
 - then the bucket decodes with the arm whose median over its last WINDOW waves is higher, AR
   unless the other beats it by MARGIN;
-- one wave in EXPLORE_EVERY tries the other arm again, so a change in the machine's speed or in
-  the traffic is followed.
+- the other arm is tried again EXPLORE_EVERY waves after its last wave (4 times as long when
+  its median is more than CLEAR_GAP below the chosen arm's), so a change in the machine's speed
+  or in the traffic is followed.
 
 A wave's tokens/s is every token it streamed over the wall time of the whole wave (prefill,
 passes and streaming), as its clients experience it.
@@ -33,7 +34,8 @@ log = logging.getLogger("kforcing.serve")
 
 MIN_WAVES = 1        # waves per arm before the bucket exploits (a wave of many rows is long)
 WINDOW = 8           # recent waves per arm the median is taken over
-EXPLORE_EVERY = 16   # then one wave in this many tries the arm not chosen
+EXPLORE_EVERY = 16   # then the arm not chosen is tried again after this many waves
+CLEAR_GAP = 0.2      # ... or after 4 times as many when it is this much slower
 MARGIN = 0.05        # k > 1 must beat AR's median tokens/s by this much
 
 
@@ -45,6 +47,7 @@ class Bucket:
     rates: dict[int, deque] = field(default_factory=dict)
     waves: int = 0
     chosen: int | None = None                    # the arm exploitation picks now
+    tried: dict[int, int] = field(default_factory=dict)   # arm -> the last wave it decoded
 
     def __post_init__(self):
         for arm in (1, self.k):
@@ -55,9 +58,19 @@ class Bucket:
         """Both arms, the calibration's pick first."""
         return (self.prior, 1 if self.prior != 1 else self.k)
 
+    def medians(self) -> dict[int, float]:
+        return {arm: statistics.median(r) for arm, r in self.rates.items()}
+
     def best(self) -> int:
-        med = {arm: statistics.median(r) for arm, r in self.rates.items()}
+        med = self.medians()
         return self.k if med[self.k] > (1 + MARGIN) * med[1] else 1
+
+    def explore_now(self, best: int) -> bool:
+        """Whether the arm not chosen is due for another wave."""
+        other = self.k if best == 1 else 1
+        med = self.medians()
+        period = EXPLORE_EVERY * (4 if med[other] < (1 - CLEAR_GAP) * med[best] else 1)
+        return self.waves - self.tried.get(other, 0) >= period
 
     def summary(self) -> dict:
         return {"calibrated": self.prior, "chosen": self.chosen, "waves": self.waves,
@@ -86,6 +99,11 @@ class WaveTuner:
         if st.k == 1:                                # max_k 1: nothing to choose
             return 1
         st.waves += 1
+        k = self._pick(st, batch_size)
+        st.tried[k] = st.waves
+        return k
+
+    def _pick(self, st: Bucket, batch_size: int) -> int:
         for arm in st.arms:
             if len(st.rates[arm]) < MIN_WAVES:
                 return arm
@@ -95,7 +113,7 @@ class WaveTuner:
                      f" ({self.name})" if self.name else "", autok.bucket(batch_size), best,
                      st.summary()["median_tokens_per_s"])
             st.chosen = best
-        if st.waves % EXPLORE_EVERY == 0:
+        if st.explore_now(best):
             return st.k if best == 1 else 1
         return best
 
