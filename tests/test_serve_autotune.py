@@ -4,6 +4,7 @@ briefly for a wave to fill (Scheduler.max_wait_s)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from types import SimpleNamespace
 
@@ -151,3 +152,39 @@ def test_bench_serve_rows_carry_what_k_auto_learned(student, monkeypatch):
     learned = row["k_auto"]["1"]
     assert learned["calibrated"] == 4 and set(learned["median_tokens_per_s"]) == {"1", "4"}
     assert learned["waves"] == 4
+
+
+def test_scheduler_merges_a_split_load(student):
+    """Two groups of clients taking turns (one decoded while the other waits) merge: when a
+    wave ends with requests waiting, the next wave also waits for the clients it just served."""
+    gate = threading.Event()
+    engine = SlowEngine(student, delay=0.0, gate=gate)
+    sched = Scheduler(engine, max_batch=8, max_wait_s=5.0)
+    loop = asyncio.new_event_loop()
+    key = WaveKey("ar", 1, 1.0, 1.0, True)
+
+    def job():
+        return Job(prompt=[5, 6], seed=1, key=key,
+                   text=TextStream(lambda ids: "x" * len(ids), max_tokens=3),
+                   usable_context=CONTEXT, loop=loop)
+
+    first = [job(), job()]
+    for j in first:
+        sched.submit(j)
+    sched.start()
+    deadline = time.monotonic() + 30
+    while not engine.waves and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiting = [job(), job()]                 # arrive while the first group is decoded
+    for j in waiting:
+        sched.submit(j)
+    gate.set()
+    while not all(j.done for j in first) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    back = [job(), job()]                    # the first group comes back
+    for j in back:
+        sched.submit(j)
+    sched.close(timeout=20)
+    loop.close()
+    assert [len(w.prompts) for w in engine.waves] == [2, 4]
+    assert all(j.done for j in [*first, *waiting, *back])
