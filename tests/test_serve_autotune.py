@@ -105,7 +105,7 @@ def test_engine_times_auto_waves_and_reports_them(student, monkeypatch):
 
 def test_scheduler_waits_for_a_wave_to_fill(student):
     engine = SlowEngine(student, delay=0.0)
-    sched = Scheduler(engine, max_batch=8, max_wait_s=5.0)
+    sched = Scheduler(engine, max_batch=8, max_wait_s=5.0, gap_s=5.0)
     loop = asyncio.new_event_loop()
     key = WaveKey("ar", 1, 1.0, 1.0, True)
 
@@ -159,7 +159,7 @@ def test_scheduler_merges_a_split_load(student):
     wave ends with requests waiting, the next wave also waits for the clients it just served."""
     gate = threading.Event()
     engine = SlowEngine(student, delay=0.0, gate=gate)
-    sched = Scheduler(engine, max_batch=8, max_wait_s=5.0)
+    sched = Scheduler(engine, max_batch=8, max_wait_s=5.0, gap_s=5.0)
     loop = asyncio.new_event_loop()
     key = WaveKey("ar", 1, 1.0, 1.0, True)
 
@@ -188,3 +188,28 @@ def test_scheduler_merges_a_split_load(student):
     loop.close()
     assert [len(w.prompts) for w in engine.waves] == [2, 4]
     assert all(j.done for j in [*first, *waiting, *back])
+
+
+def test_scheduler_stops_waiting_when_arrivals_pause(student):
+    """A wave that cannot fill starts after a pause of gap_s in the arrivals, long before
+    max_wait_s."""
+    engine = SlowEngine(student, delay=0.0)
+    sched = Scheduler(engine, max_batch=8, max_wait_s=600.0, gap_s=0.05)
+    loop = asyncio.new_event_loop()
+    key = WaveKey("ar", 1, 1.0, 1.0, True)
+    jobs = [Job(prompt=[5, 6], seed=1, key=key,
+                text=TextStream(lambda ids: "x" * len(ids), max_tokens=3),
+                usable_context=CONTEXT, loop=loop) for _ in range(3)]
+    for j in jobs[:2]:
+        sched.submit(j)
+    sched.start()
+    deadline = time.monotonic() + 60
+    while not all(j.done for j in jobs[:2]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sched.submit(jobs[2])                    # target 2, only one comes
+    while not jobs[2].done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sched.close(timeout=20)
+    loop.close()
+    assert jobs[2].done and time.monotonic() < deadline
+    assert [len(w.prompts) for w in engine.waves] == [2, 1]

@@ -22,7 +22,7 @@ class ServeConfig:
     mode: str | None = None              # default: "ar" for a teacher, "kforcing" for a student
     k: int | str | None = None           # default: the checkpoint's max_k; or "auto"
     max_batch: int = 32
-    batch_wait_ms: float = 20.0          # longest wait for a wave to fill (scheduler.Scheduler)
+    batch_wait_ms: float = 100.0         # longest wait for a wave to fill (scheduler.Scheduler)
     device: str = "cpu"
     name: str | None = None              # the model id clients send (default: directory name)
     grace_s: float = GRACE_S
