@@ -2,7 +2,9 @@
 (KV cache of a 200-token context), its output head over those T positions, and the feedback
 draft's pieces (a block step, the draft-vocabulary head, the Gumbel noise of k tokens); with
 --tree, a draft tree's pass (per query and masked) and proposal next to the chain's.
-Median of `--repeats` after a warm-up, one thread; prints one JSON line.
+Every piece is timed once per round, the pieces taking turns, for `--repeats` rounds after a
+warm-up (so a drift in the machine's speed hits them alike); medians; one thread; prints one
+JSON line.
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python experiments/window_cost.py \
         --student runs/smollm2-fb/k2 --out docs/results/smollm2/window_cost.json
@@ -27,17 +29,28 @@ from kforcing.io.checkpoint import atomic_write_json
 from kforcing.students.feedback import load_feedback
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t)
-    return round(1000 * statistics.median(runs), 3)
+class Pieces:
+    """Named pieces to time: `add(name, fn)`, then `run(repeats)` -> {name: median ms}."""
+
+    def __init__(self):
+        self.fns: dict = {}
+
+    def add(self, name: str, fn) -> None:
+        self.fns[name] = fn
+
+    def run(self, repeats: int) -> dict[str, float]:
+        times: dict[str, list[float]] = {name: [] for name in self.fns}
+        for fn in self.fns.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in self.fns.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        return {name: round(1000 * statistics.median(ts), 3) for name, ts in times.items()}
 
 
-def tree_costs(student, tree: DraftTree, ctx: torch.Tensor, ms: dict, repeats: int) -> None:
+def tree_costs(student, tree: DraftTree, ctx: torch.Tensor, ms: Pieces) -> None:
     """A tree window's parts at batch 1 after the 200-token context, next to the chain's."""
     teacher, V, C = student.teacher, student.vocab_size, ctx.shape[1]
     cache = KVCache.for_model(teacher, 1, max_len=C + 64)
@@ -63,15 +76,13 @@ def tree_costs(student, tree: DraftTree, ctx: torch.Tensor, ms: dict, repeats: i
         teacher(nodes[:, :tree.levels], input_pos=C + torch.arange(tree.levels)[None], cache=cache,
                 return_hidden=True, per_query=True)
     name = ",".join(map(str, tree.widths))
-    ms["chain_pass_per_query"] = timed(chain_pass, repeats)
-    ms[f"tree_{name}_pass_per_query"] = timed(lambda: tree_pass(True), repeats)
-    ms[f"tree_{name}_pass_masked"] = timed(lambda: tree_pass(False), repeats)
-    ms[f"tree_{name}_head"] = timed(lambda: teacher.output(torch.randn(1, tree.size,
-                                                                       feats.shape[-1],
-                                                                       dtype=feats.dtype)),
-                                    repeats)
-    ms["chain_propose"] = timed(lambda: student.propose(window()), repeats)
-    ms[f"tree_{name}_propose"] = timed(lambda: student.propose_tree(window(), tree), repeats)
+    ms.add("chain_pass_per_query", chain_pass)
+    ms.add(f"tree_{name}_pass_per_query", lambda: tree_pass(True))
+    ms.add(f"tree_{name}_pass_masked", lambda: tree_pass(False))
+    hn = torch.randn(1, tree.size, feats.shape[-1], dtype=feats.dtype)
+    ms.add(f"tree_{name}_head", lambda: teacher.output(hn))
+    ms.add("chain_propose", lambda: student.propose(window()))
+    ms.add(f"tree_{name}_propose", lambda: student.propose_tree(window(), tree))
 
 
 @torch.inference_mode()
@@ -91,9 +102,9 @@ def main() -> None:
     student = student.to(dtype)
     teacher = student.teacher
     dim, V = teacher.config.dim, teacher.config.vocab_size
-    out = {"student": a.student, "dtype": a.dtype, "threads": 1, "load_avg_1m_before": os.getloadavg()[0],
-           "ms": {}}
-    ms = out["ms"]
+    out = {"student": a.student, "dtype": a.dtype, "threads": 1, "repeats": a.repeats,
+           "load_avg_1m_before": os.getloadavg()[0]}
+    ms = Pieces()
     ctx = torch.randint(0, V, (1, 200))
     for T in (1, 2, 4):
         cache = KVCache.for_model(teacher, 1, max_len=256)
@@ -103,24 +114,24 @@ def main() -> None:
         def step(T=T, cache=cache, n=n):
             cache.length = n
             teacher(torch.randint(0, V, (1, T)), cache=cache, return_hidden=True)
-        ms[f"teacher_pass_T{T}_hidden"] = timed(step, a.repeats)
+        ms.add(f"teacher_pass_T{T}_hidden", step)
         h = torch.randn(1, T, dim, dtype=dtype)
-        ms[f"teacher_head_T{T}"] = timed(lambda h=h: teacher.output(h), a.repeats)
+        ms.add(f"teacher_head_T{T}", lambda h=h: teacher.output(h))
     dcache = student.new_cache(1, 256)
 
     def draft_step():
         dcache.length = 0
-        student.draft(torch.randn(1, 1, dim, dtype=dtype), torch.tensor([[5]]), torch.tensor([[10]]),
-                      cache=dcache)
-    ms["draft_block_step"] = timed(draft_step, a.repeats)
+        student.draft(torch.randn(1, 1, dim, dtype=dtype), torch.tensor([[5]]),
+                      torch.tensor([[10]]), cache=dcache)
+    ms.add("draft_block_step", draft_step)
     h = torch.randn(1, dim, dtype=dtype)
-    ms["draft_head"] = timed(lambda: student.logits(h), a.repeats)
+    ms.add("draft_head", lambda: student.logits(h))
     noise = NoiseStream.from_seed(0, 1)
     s = SamplingConfig(coupling="gumbel")
-    ms["gumbel_noise_k4"] = timed(lambda: token_noise(noise, torch.arange(4)[None], s, V),
-                                  a.repeats)
+    ms.add("gumbel_noise_k4", lambda: token_noise(noise, torch.arange(4)[None], s, V))
     if a.tree:
-        tree_costs(student, DraftTree(tuple(int(w) for w in a.tree.split(","))), ctx, ms, a.repeats)
+        tree_costs(student, DraftTree(tuple(int(w) for w in a.tree.split(","))), ctx, ms)
+    out["ms"] = ms.run(a.repeats)
     out["load_avg_1m_after"] = os.getloadavg()[0]
     if a.out:
         atomic_write_json(a.out, out)
