@@ -103,40 +103,52 @@ def test_engine_times_auto_waves_and_reports_them(student, monkeypatch):
     assert fixed == Plan("lossless", 2) and not fixed.tuned
 
 
+class Rig:
+    """A scheduler over a fake engine (SlowEngine, no delay) with jobs of one AR setting."""
+
+    def __init__(self, student, *, gate=None, **sched_kw):
+        self.engine = SlowEngine(student, delay=0.0, gate=gate)
+        self.sched = Scheduler(self.engine, max_batch=8, **sched_kw)
+        self.loop = asyncio.new_event_loop()
+        self.key = WaveKey("ar", 1, 1.0, 1.0, True)
+        self.deadline = time.monotonic() + 60
+
+    def submit(self, n: int) -> list[Job]:
+        jobs = [Job(prompt=[5, 6], seed=1, key=self.key,
+                    text=TextStream(lambda ids: "x" * len(ids), max_tokens=3),
+                    usable_context=CONTEXT, loop=self.loop) for _ in range(n)]
+        for j in jobs:
+            self.sched.submit(j)
+        return jobs
+
+    def wait(self, done) -> None:
+        while not done() and time.monotonic() < self.deadline:
+            time.sleep(0.01)
+
+    def close(self) -> list[int]:
+        """Stop; the sizes of the waves that ran."""
+        self.sched.close(timeout=20)
+        self.loop.close()
+        return [len(w.prompts) for w in self.engine.waves]
+
+
 def test_scheduler_waits_for_a_wave_to_fill(student):
-    engine = SlowEngine(student, delay=0.0)
-    sched = Scheduler(engine, max_batch=8, max_wait_s=5.0, gap_s=5.0)
-    loop = asyncio.new_event_loop()
-    key = WaveKey("ar", 1, 1.0, 1.0, True)
-
-    def job():
-        return Job(prompt=[5, 6], seed=1, key=key,
-                   text=TextStream(lambda ids: "x" * len(ids), max_tokens=3),
-                   usable_context=CONTEXT, loop=loop)
-
-    jobs = [job() for _ in range(3)]
-    for j in jobs:
-        sched.submit(j)
-    sched.start()
-    deadline = time.monotonic() + 30
-    while not all(j.done for j in jobs) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    rig = Rig(student, max_wait_s=5.0, gap_s=5.0)
+    jobs = rig.submit(3)
+    rig.sched.start()
+    rig.wait(lambda: all(j.done for j in jobs))
     # the clients of a wave of 3 come back one by one: the next wave waits for all three
-    later = [job() for _ in range(3)]
-    for j in later:
-        sched.submit(j)
+    later = []
+    for _ in range(3):
+        later += rig.submit(1)
         time.sleep(0.05)
-    while not all(j.done for j in later) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    rig.wait(lambda: all(j.done for j in later))
     # a lone request waits at most max_wait_s; closing the server ends the wait at once
-    last = job()
-    sched.submit(last)
-    sched.close(timeout=20)
-    loop.close()
-    assert [len(w.prompts) for w in engine.waves] == [3, 3, 1]
-    assert all(j.done for j in [*jobs, *later, last])
+    last = rig.submit(1)
+    assert rig.close() == [3, 3, 1]
+    assert all(j.done for j in [*jobs, *later, *last])
     with pytest.raises(KForcingError, match="batch wait"):
-        Scheduler(engine, max_batch=2, max_wait_s=-1)
+        Scheduler(rig.engine, max_batch=2, max_wait_s=-1)
     with pytest.raises(KForcingError, match="--batch-wait-ms"):
         ServeConfig(model="m", batch_wait_ms=-5)
 
@@ -158,58 +170,26 @@ def test_scheduler_merges_a_split_load(student):
     """Two groups of clients taking turns (one decoded while the other waits) merge: when a
     wave ends with requests waiting, the next wave also waits for the clients it just served."""
     gate = threading.Event()
-    engine = SlowEngine(student, delay=0.0, gate=gate)
-    sched = Scheduler(engine, max_batch=8, max_wait_s=5.0, gap_s=5.0)
-    loop = asyncio.new_event_loop()
-    key = WaveKey("ar", 1, 1.0, 1.0, True)
-
-    def job():
-        return Job(prompt=[5, 6], seed=1, key=key,
-                   text=TextStream(lambda ids: "x" * len(ids), max_tokens=3),
-                   usable_context=CONTEXT, loop=loop)
-
-    first = [job(), job()]
-    for j in first:
-        sched.submit(j)
-    sched.start()
-    deadline = time.monotonic() + 30
-    while not engine.waves and time.monotonic() < deadline:
-        time.sleep(0.01)
-    waiting = [job(), job()]                 # arrive while the first group is decoded
-    for j in waiting:
-        sched.submit(j)
+    rig = Rig(student, gate=gate, max_wait_s=5.0, gap_s=5.0)
+    first = rig.submit(2)
+    rig.sched.start()
+    rig.wait(lambda: rig.engine.waves)
+    waiting = rig.submit(2)                  # arrive while the first group is decoded
     gate.set()
-    while not all(j.done for j in first) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    back = [job(), job()]                    # the first group comes back
-    for j in back:
-        sched.submit(j)
-    sched.close(timeout=20)
-    loop.close()
-    assert [len(w.prompts) for w in engine.waves] == [2, 4]
+    rig.wait(lambda: all(j.done for j in first))
+    back = rig.submit(2)                     # the first group comes back
+    assert rig.close() == [2, 4]
     assert all(j.done for j in [*first, *waiting, *back])
 
 
 def test_scheduler_stops_waiting_when_arrivals_pause(student):
     """A wave that cannot fill starts after a pause of gap_s in the arrivals, long before
     max_wait_s."""
-    engine = SlowEngine(student, delay=0.0)
-    sched = Scheduler(engine, max_batch=8, max_wait_s=600.0, gap_s=0.05)
-    loop = asyncio.new_event_loop()
-    key = WaveKey("ar", 1, 1.0, 1.0, True)
-    jobs = [Job(prompt=[5, 6], seed=1, key=key,
-                text=TextStream(lambda ids: "x" * len(ids), max_tokens=3),
-                usable_context=CONTEXT, loop=loop) for _ in range(3)]
-    for j in jobs[:2]:
-        sched.submit(j)
-    sched.start()
-    deadline = time.monotonic() + 60
-    while not all(j.done for j in jobs[:2]) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    sched.submit(jobs[2])                    # target 2, only one comes
-    while not jobs[2].done and time.monotonic() < deadline:
-        time.sleep(0.01)
-    sched.close(timeout=20)
-    loop.close()
-    assert jobs[2].done and time.monotonic() < deadline
-    assert [len(w.prompts) for w in engine.waves] == [2, 1]
+    rig = Rig(student, max_wait_s=600.0, gap_s=0.05)
+    jobs = rig.submit(2)
+    rig.sched.start()
+    rig.wait(lambda: all(j.done for j in jobs))
+    last = rig.submit(1)                     # target 2, only one comes
+    rig.wait(lambda: last[0].done)
+    assert last[0].done and time.monotonic() < rig.deadline
+    assert rig.close() == [2, 1]
