@@ -66,6 +66,14 @@ def test_pick_k_every_branch_says_why():
     assert noisy.k == 1 and "too noisy" in noisy.reason
     win = pick_k({1: [100, 102, 98], 4: [250, 260, 240], 2: [150, 150, 150]})
     assert win.k == 4 and "2.50x" in win.reason and "median of 3 runs" in win.reason
+    # the machine ran twice as fast in round 2 for both: compared round by round, k=4 wins
+    drift = pick_k({1: [100, 200, 100], 4: [150, 300, 150]})
+    assert drift.k == 4 and "same round" in drift.reason
+    lost = pick_k({1: [100, 200, 100], 4: [150, 190, 150]})
+    assert lost.k == 1 and "round 2" in lost.reason and "too noisy" in lost.reason
+    # runs not in rounds (different counts): every run must beat every AR run
+    assert pick_k({1: [100], 4: [150, 90, 160]}).k == 1
+    assert pick_k({1: [100], 4: [150, 140, 160]}).k == 4
 
 
 def test_choose_k_calibrates_once_and_reads_the_cache(make_model, tmp_path, quiet_autok):

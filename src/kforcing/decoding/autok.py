@@ -7,8 +7,8 @@ batch size the real decoders (generate_ar, generate_kforcing, generate_feedback)
 tokens on this machine, `repeats` times per candidate k after a warm-up run (the candidates take
 turns, so a change in load hits them all alike), and the k with the most generated tokens per
 second wins. k = 1 means plain AR decoding; it is kept unless some k beats it by more than
-`margin` in the median AND in every repeat (the noise check), so auto falls back to AR whenever
-the timings leave doubt. It also falls back to AR when the process was preempted during the
+`margin` in the median AND in every round (the noise check: each of its runs faster than AR's run
+of the same round), so auto falls back to AR whenever the timings leave doubt. It also falls back to AR when the process was preempted during the
 calibration (kforcing.decoding.machine: it got too little CPU time), and a k read from the cache
 of another process is re-timed once against AR in the process it serves before it is used.
 The choice looks at decode speed only, not at how closely the student follows its teacher.
@@ -71,7 +71,11 @@ def as_runs(table: dict[int, list[float] | float]) -> dict[int, list[float]]:
 
 def pick_k(runs: dict[int, list[float] | float], margin: float = MARGIN) -> Pick:
     """The k with the most tokens/s (median over repeats, ties to the smaller k); AR (k = 1)
-    unless that k beats AR by more than `margin` and each of its repeats beats each of AR's."""
+    unless that k beats AR by more than `margin` and passes the noise check. Runs listed in
+    rounds (run i of every k timed in round i, as measure_tokens_per_s takes turns) are
+    compared round by round, so a drift of the machine between rounds does not count as noise:
+    each of the k's runs must beat AR's run of the same round. Otherwise each of its runs must
+    beat each of AR's."""
     if 1 not in runs:
         raise KForcingError("a timing table needs the AR entry (k = 1)")
     runs = as_runs(runs)
@@ -83,11 +87,22 @@ def pick_k(runs: dict[int, list[float] | float], margin: float = MARGIN) -> Pick
     if gain <= margin:
         return Pick(1, f"k={best} beat AR by only {100 * gain:.0f}% (margin "
                        f"{100 * margin:.0f}%): AR")
-    if min(runs[best]) <= max(runs[1]):
-        return Pick(1, f"k={best}'s slowest run ({min(runs[best]):.1f} tokens/s) was no faster "
-                       f"than AR's fastest ({max(runs[1]):.1f}): timings too noisy, AR")
+    mine, ar = runs[best], runs[1]
+    if len(mine) == len(ar) > 1:
+        lost = [i for i, (x, y) in enumerate(zip(mine, ar, strict=True)) if x <= y]
+        if lost:
+            i = lost[0]
+            return Pick(1, f"k={best}'s run in round {i + 1} ({mine[i]:.1f} tokens/s) was no "
+                           f"faster than AR's in the same round ({ar[i]:.1f}): timings too "
+                           "noisy, AR")
+        check = "every run faster than AR's run of the same round"
+    elif min(mine) <= max(ar):
+        return Pick(1, f"k={best}'s slowest run ({min(mine):.1f} tokens/s) was no faster "
+                       f"than AR's fastest ({max(ar):.1f}): timings too noisy, AR")
+    else:
+        check = "every run faster than every AR run"
     return Pick(best, f"k={best} generated {med[best] / med[1]:.2f}x AR's tokens/s (median of "
-                      f"{len(runs[best])} runs, every run faster than every AR run)")
+                      f"{len(mine)} runs, {check})")
 
 
 def candidate_ks(max_k: int) -> list[int]:
