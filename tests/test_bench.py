@@ -20,7 +20,16 @@ from kforcing.decoding.autok import (
 )
 from kforcing.decoding.generate import generate
 from kforcing.errors import KForcingError
-from kforcing.evaluation.bench import METHODS, BenchConfig, read_rows, run_bench, write_results
+from kforcing.evaluation import bench as bench_mod
+from kforcing.evaluation.bench import (
+    METHODS,
+    BenchConfig,
+    BenchRow,
+    read_rows,
+    run_bench,
+    write_results,
+)
+from kforcing.evaluation.bench_rounds import merge_rows
 from kforcing.io.checkpoint import load_model
 from kforcing.recipes.reproduce import STEPS, ReproduceConfig, run_reproduce
 from kforcing.students.pushforward import PushForward, StudentConfig
@@ -197,6 +206,43 @@ def test_bench_writes_typed_rows_and_plots(make_model, tmp_path):
         assert paths[key].stat().st_size > 1000
     meta = json.loads(paths["meta"].read_text())
     assert meta["command"] == "test" and "kforcing k=4" in meta["speedup_over_ar"]
+
+
+def test_interleaved_bench_takes_turns_and_merges_rounds(make_model, monkeypatch):
+    """--interleave: at each batch size the methods run one timed run each per round, the order
+    rotating; a row merges its rounds (every run kept, the median over them)."""
+    teacher = make_model()
+    order = []
+    real = dict(bench_mod.ROWS)
+    for name in ("ar", "kforcing"):
+        monkeypatch.setitem(bench_mod.ROWS, name, lambda b, B, k, p, name=name: (
+            order.append((B, name, k, b.cfg.repeats)) or real[name](b, B, k, p)))
+    cfg = BenchConfig(batch_sizes=(1, 2), prompt_len=4, new_tokens=3, repeats=3, ks=(2,),
+                      methods=("ar", "kforcing"), roofline=False, interleave=True)
+    res = run_bench(teacher, tiny_student(teacher), cfg=cfg, command="test", progress=False)
+    assert order == [(1, "ar", None, 1), (1, "kforcing", 2, 1), (1, "kforcing", 2, 1),
+                     (1, "ar", None, 1), (1, "ar", None, 1), (1, "kforcing", 2, 1),
+                     (2, "ar", None, 1), (2, "kforcing", 2, 1), (2, "kforcing", 2, 1),
+                     (2, "ar", None, 1), (2, "ar", None, 1), (2, "kforcing", 2, 1)]
+    assert [(r.batch_size, r.method) for r in res.rows] == [
+        (1, "ar"), (1, "kforcing"), (2, "ar"), (2, "kforcing")]
+    for r in res.rows:
+        assert r.repeats == 3 and len(r.runs_tokens_per_s) == 3 and r.extra["interleaved"]
+        assert r.tokens_per_s == sorted(r.runs_tokens_per_s)[1]
+        assert r.machine["wall_seconds"] > 0
+
+
+def test_merge_rows_keeps_every_run_and_the_load_around_them():
+    def row(rate, load, busy):
+        return BenchRow("ar", 1, 1, 4, 3, "sample", rate, 2.0 * rate, 3, 1, [rate],
+                        {"load_avg_1m": load, "cpu_seconds": 1.0, "wall_seconds": 2.0,
+                         "busy": busy, "busy_reasons": ["x"] if busy else []}, "c", {"a": rate})
+    m = merge_rows([row(10.0, 0.5, False), row(30.0, 0.7, True), row(20.0, 0.9, False)])
+    assert (m.tokens_per_s, m.step_latency_ms, m.repeats) == (20.0, 40.0, 3)
+    assert m.runs_tokens_per_s == [10.0, 30.0, 20.0]
+    assert m.machine["load_avg_1m"] == 0.5 and m.machine["cpu_share"] == 0.5
+    assert m.machine["busy"] and m.machine["busy_reasons"] == ["x"]
+    assert m.extra == {"a": 20.0, "interleaved": True}
 
 
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0])

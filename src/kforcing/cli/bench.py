@@ -16,6 +16,7 @@ from kforcing.cli.common import (
     ints,
     natural,
     non_negative,
+    parse_tokens_at,
     path,
     positive,
 )
@@ -26,7 +27,6 @@ from kforcing.evaluation.bench import (
     BenchConfig,
     load_models,
     merge_results,
-    parse_tokens_at,
     run_bench,
     write_results,
 )
@@ -64,7 +64,8 @@ def bench_config(args) -> BenchConfig:
                        new_tokens_at=parse_tokens_at(args.new_tokens_at, "--new-tokens-at")
                        or None, repeats=args.repeats, max_seconds=args.max_seconds, ks=ks,
                        methods=methods, temperature=args.temperature, seed=args.seed,
-                       cache=args.cache, roofline=not args.no_roofline)
+                       cache=args.cache, roofline=not args.no_roofline,
+                       interleave=args.interleave)
 
 
 def cmd_bench(args) -> None:
@@ -134,6 +135,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--max-seconds", type=non_negative,
                     default=default_of(BenchConfig, "max_seconds"),
                     help="per configuration: stop repeating once this many seconds are spent")
+    sp.add_argument("--interleave", action="store_true",
+                    help="at each batch size the methods take turns, one timed run each per "
+                    "round, --repeats rounds: a drift of the machine's speed hits them alike")
     sp.add_argument("--temperature", type=positive,
                     default=default_of(BenchConfig, "temperature"))
     sp.add_argument("--seed", type=natural, default=default_of(BenchConfig, "seed"))

@@ -173,3 +173,13 @@ def load_with_tokenizer(path: str, device: str, *, allow_student: bool = False):
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj))
+
+
+def parse_tokens_at(text: str | None, flag: str) -> dict[int, int]:
+    """'64=64,256=32' -> {64: 64, 256: 32} (per batch size new-token counts)."""
+    if not text:
+        return {}
+    try:
+        return {int(b): int(n) for b, n in (p.split("=") for p in text.split(","))}
+    except ValueError:
+        raise KForcingError(f"{flag} expects BATCH=TOKENS pairs, e.g. 64=64,256=32") from None

@@ -9,11 +9,12 @@ from kforcing.cli.common import (
     default_of,
     ints,
     non_negative,
+    parse_tokens_at,
     path,
     positive,
 )
 from kforcing.core.device import DECODE_DTYPES
-from kforcing.evaluation.bench import command_line, parse_tokens_at
+from kforcing.evaluation.bench import command_line
 from kforcing.recipes.demo import run_demo
 from kforcing.recipes.reproduce import ReproduceConfig, run_reproduce
 

@@ -7,10 +7,11 @@ batch size the real decoders (generate_ar, generate_kforcing, generate_feedback)
 tokens on this machine, `repeats` times per candidate k after a warm-up run (the candidates take
 turns, so a change in load hits them all alike), and the k with the most generated tokens per
 second wins. k = 1 means plain AR decoding; it is kept unless some k beats it by more than
-`margin` in the median AND in every round (the noise check: each of its runs faster than AR's run
-of the same round), so auto falls back to AR whenever the timings leave doubt. It also falls back to AR when the process was preempted during the
-calibration (kforcing.decoding.machine: it got too little CPU time), and a k read from the cache
-of another process is re-timed once against AR in the process it serves before it is used.
+`margin` in the median AND in every round (the noise check: each of its runs faster than AR's
+run of the same round), so auto falls back to AR whenever the timings leave doubt. It also
+falls back to AR when the process was preempted during the calibration (kforcing.decoding.
+machine: it got too little CPU time), and a k read from the cache of another process is
+re-timed once against AR in the process it serves before it is used.
 The choice looks at decode speed only, not at how closely the student follows its teacher.
 Results are cached per machine, architecture, dtype and device (docs/AUTOK.md).
 """

@@ -49,6 +49,7 @@ from kforcing.errors import KForcingError
 from kforcing.evaluation.bench_machine import busy_warning, usable_cores
 from kforcing.evaluation.bench_plot import plot, series_label
 from kforcing.evaluation.bench_report import add_roofline, dtype_winners, roofline_markdown
+from kforcing.evaluation.bench_rounds import interleaved_rows
 from kforcing.evaluation.roofline import dtype_of
 from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json, load_model
 from kforcing.io.hf import to_hf_model
@@ -74,6 +75,7 @@ class BenchConfig:
     cache: str | None = None           # autok cache directory
     dtype: str = "fp32"                # weights and activations of every decoder: fp32 | bf16
     roofline: bool = True              # calibrate the machine; bound and fraction per row
+    interleave: bool = False           # methods take turns at each batch size (bench_rounds)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -214,16 +216,6 @@ def _row(method: str, k: int | None, sampling: str, runs: list[Run], B: int, cfg
     return BenchRow(method, k, B, cfg.prompt_len, new_tokens, sampling,
                     statistics.median(rates), statistics.median(lat) if lat else None, passes,
                     len(runs), [round(x, 2) for x in rates], machine, command, extra or {})
-
-
-def parse_tokens_at(text: str | None, flag: str) -> dict[int, int]:
-    """'64=64,256=32' -> {64: 64, 256: 32} (per batch size new-token counts)."""
-    if not text:
-        return {}
-    try:
-        return {int(b): int(n) for b, n in (p.split("=") for p in text.split(","))}
-    except ValueError:
-        raise KForcingError(f"{flag} expects BATCH=TOKENS pairs, e.g. 64=64,256=32") from None
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -404,16 +396,29 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
         b.machine = {**b.machine, "transformers": transformers.__version__}
     if "hf-assisted" in methods:
         b.hf_draft = to_hf_model(draft.eval())
-    rows: list[BenchRow] = []
     prompts_by_b: dict[int, list[list[int]]] = {}
-    bar = tqdm(plan_rows(cfg, methods, ks, skipped), disable=not progress, desc="bench",
-               unit="config", dynamic_ncols=True)
-    for B, method, k in bar:
-        bar.set_postfix(batch=B, method=method if k is None else f"{method}:{k}")
+
+    def prompts_for(B: int) -> list[list[int]]:
         if B not in prompts_by_b:
             prompts_by_b[B] = make_prompts(B, cfg.prompt_len, teacher.config.vocab_size, data,
                                            cfg.seed)
-        rows.append(ROWS[method](b, B, k, prompts_by_b[B]))
+        return prompts_by_b[B]
+
+    plan = plan_rows(cfg, methods, ks, skipped)
+    bar = tqdm(total=len(plan) * (cfg.repeats if cfg.interleave else 1), disable=not progress,
+               desc="bench", unit="run" if cfg.interleave else "config", dynamic_ncols=True)
+
+    def on_row(B: int, method: str, k: int | None) -> None:
+        bar.set_postfix(batch=B, method=method if k is None else f"{method}:{k}")
+        bar.update()
+
+    if cfg.interleave:
+        rows = interleaved_rows(b, plan, prompts_for, ROWS, on_row)
+    else:
+        rows = []
+        for B, method, k in plan:
+            on_row(B, method, k)
+            rows.append(ROWS[method](b, B, k, prompts_for(B)))
     bar.close()
     model = student if student is not None else teacher
     roof = {cfg.dtype: add_roofline(rows, model, ks, cfg)} if cfg.roofline else None
