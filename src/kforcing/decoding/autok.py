@@ -7,8 +7,8 @@ batch size the real decoders (generate_ar, generate_kforcing, generate_feedback)
 tokens on this machine, `repeats` times per candidate k after a warm-up run (the candidates take
 turns, so a change in load hits them all alike), and the k with the most generated tokens per
 second wins. k = 1 means plain AR decoding; it is kept unless some k beats it by more than
-`margin` in the median AND in every round (the noise check: each of its runs faster than AR's
-run of the same round), so auto falls back to AR whenever the timings leave doubt. It also
+`margin` in the median AND in most rounds (the noise check: faster than AR's run of the same
+round in more than half of them), so auto falls back to AR whenever the timings leave doubt. It also
 falls back to AR when the process was preempted during the calibration (kforcing.decoding.
 machine: it got too little CPU time), and a k read from the cache of another process is
 re-timed once against AR in the process it serves before it is used.
@@ -75,7 +75,7 @@ def pick_k(runs: dict[int, list[float] | float], margin: float = MARGIN) -> Pick
     unless that k beats AR by more than `margin` and passes the noise check. Runs listed in
     rounds (run i of every k timed in round i, as measure_tokens_per_s takes turns) are
     compared round by round, so a drift of the machine between rounds does not count as noise:
-    each of the k's runs must beat AR's run of the same round. Otherwise each of its runs must
+    the k must beat AR's run of the same round in most rounds. Otherwise each of its runs must
     beat each of AR's."""
     if 1 not in runs:
         raise KForcingError("a timing table needs the AR entry (k = 1)")
@@ -90,13 +90,11 @@ def pick_k(runs: dict[int, list[float] | float], margin: float = MARGIN) -> Pick
                        f"{100 * margin:.0f}%): AR")
     mine, ar = runs[best], runs[1]
     if len(mine) == len(ar) > 1:
-        lost = [i for i, (x, y) in enumerate(zip(mine, ar, strict=True)) if x <= y]
-        if lost:
-            i = lost[0]
-            return Pick(1, f"k={best}'s run in round {i + 1} ({mine[i]:.1f} tokens/s) was no "
-                           f"faster than AR's in the same round ({ar[i]:.1f}): timings too "
-                           "noisy, AR")
-        check = "every run faster than AR's run of the same round"
+        won = sum(x > y for x, y in zip(mine, ar, strict=True))
+        if 2 * won <= len(mine):
+            return Pick(1, f"k={best} beat AR's run of the same round in only {won} of "
+                           f"{len(mine)} rounds: timings too noisy, AR")
+        check = f"faster than AR's run of the same round in {won} of {len(mine)} rounds"
     elif min(mine) <= max(ar):
         return Pick(1, f"k={best}'s slowest run ({min(mine):.1f} tokens/s) was no faster "
                        f"than AR's fastest ({max(ar):.1f}): timings too noisy, AR")
