@@ -61,14 +61,12 @@ class Bucket:
     def medians(self) -> dict[int, float]:
         return {arm: statistics.median(r) for arm, r in self.rates.items()}
 
-    def best(self) -> int:
-        med = self.medians()
+    def best(self, med: dict[int, float]) -> int:
         return self.k if med[self.k] > (1 + MARGIN) * med[1] else 1
 
-    def explore_now(self, best: int) -> bool:
+    def explore_now(self, best: int, med: dict[int, float]) -> bool:
         """Whether the arm not chosen is due for another wave."""
         other = self.k if best == 1 else 1
-        med = self.medians()
         period = EXPLORE_EVERY * (4 if med[other] < (1 - CLEAR_GAP) * med[best] else 1)
         return self.waves - self.tried.get(other, 0) >= period
 
@@ -107,13 +105,14 @@ class WaveTuner:
         for arm in st.arms:
             if len(st.rates[arm]) < MIN_WAVES:
                 return arm
-        best = st.best()
+        med = st.medians()
+        best = st.best(med)
         if best != st.chosen:
             log.info("--k auto%s, batch bucket %d: k=%d (median tokens/s %s)",
                      f" ({self.name})" if self.name else "", autok.bucket(batch_size), best,
-                     st.summary()["median_tokens_per_s"])
+                     {arm: round(m, 1) for arm, m in med.items()})
             st.chosen = best
-        if st.explore_now(best):
+        if st.explore_now(best, med):
             return st.k if best == 1 else 1
         return best
 

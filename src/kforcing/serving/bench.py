@@ -140,21 +140,22 @@ def bench_serve(url: str, model: str, cfg: BenchServeConfig, *, api_key: str | N
                 results, secs = asyncio.run(run_cell(url, model, cfg, mode, c, n, api_key,
                                                      start=len(got[mode][0])))
                 got[mode] = (got[mode][0] + results, got[mode][1] + secs)
+        learned = _health(url).get("k_auto", {})   # what --k auto had learned by now
         for mode in cfg.modes:
             row = summarize(mode, c, cfg, *got[mode])
             row["rounds"] = cfg.rounds
-            if auto := _health(url).get("k_auto", {}).get(mode):
-                row["k_auto"] = auto      # what --k auto had learned by the end of these rounds
+            if auto := learned.get(mode):
+                row["k_auto"] = auto
             cells[mode, c] = row
             if log:
                 log(json.dumps(row))
     return [cells[m, c] for m in cfg.modes for c in cfg.concurrency]
 
 
-def _health(url: str) -> dict:
-    """GET /health (an empty dict when the server does not answer)."""
+def _health(url: str, timeout_s: float = 10.0) -> dict:
+    """GET /health; an empty dict unless the server answers 200 (not up, or draining)."""
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10) as r:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s) as r:
             return json.load(r)
     except (OSError, ValueError):
         return {}
@@ -183,12 +184,8 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float) -> N
         if proc is not None and proc.poll() is not None:
             raise KForcingError(f"the server exited with code {proc.returncode} before it "
                                 "was ready (see its messages above)")
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+        if _health(url, timeout_s=2):
+            return
         time.sleep(0.2)
     raise KForcingError(f"the server at {url} was not ready after {timeout_s:.0f} s")
 
