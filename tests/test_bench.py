@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kforcing.cli.main import main
+from kforcing.core.model import Transformer
 from kforcing.decoding import autok
 from kforcing.decoding.autok import (
     bucket,
@@ -299,3 +300,31 @@ def test_reproduce_smoke_and_resume(tiny_corpus, tmp_path, capsys):
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert {n: s["finished_at"] for n, s in state["steps"].items()} == stamps
     assert second.results.read_text() == doc
+
+
+def test_ar_compiled_rows_decode_through_the_compiled_step_only(make_model, monkeypatch):
+    """--compile adds ar-compiled rows: their runs (and only theirs) go through the teacher's
+    compiled step (here the uncompiled static step: no C++ compiler needed), the ar rows stay
+    eager, the teacher keeps no compiled step afterwards, and each row records its first run."""
+    teacher = make_model()
+    used: list[str] = []
+
+    def fake_compile(self, **options):
+        def step(*a):
+            used.append("compiled")
+            return self.decode_static(*a)
+        self.compiled_step = step
+        return self
+    monkeypatch.setattr(Transformer, "compile_decode", fake_compile)
+    cfg = BenchConfig(batch_sizes=(1, 2), prompt_len=4, new_tokens=3, repeats=2,
+                      methods=("ar", "ar-compiled"), roofline=False)
+    res = run_bench(teacher, cfg=cfg, command="test", progress=False)
+    assert [(r.batch_size, r.method) for r in res.rows] == [
+        (1, "ar"), (1, "ar-compiled"), (2, "ar"), (2, "ar-compiled")]
+    # n new tokens take n - 1 steps after the prefill; per ar-compiled row: the 2-token first
+    # run, the 3-token warm-up and 2 timed 3-token runs
+    assert len(used) == 2 * (1 + 2 + 2 * 2)
+    assert teacher.compiled_step is None
+    assert all("first_run_seconds" in r.extra for r in res.rows if r.method == "ar-compiled")
+    with pytest.raises(KForcingError, match="unknown bench method"):
+        BenchConfig(methods=("ar-compiledd",))

@@ -32,7 +32,7 @@ class Checked(FeedbackStudent):
         if window.k > 1:
             assert torch.equal(window.q_logits, ref_win.q_logits)
         a, b = window.draft_cache, ref_win.draft_cache
-        assert a.length == b.length and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+        assert a.length == b.length and all(map(torch.equal, a.k + a.v, b.k + b.v))
         type(self).windows += 1
         return got
 

@@ -24,12 +24,13 @@ from kforcing.decoding.machine import load_avg_1m
 from kforcing.errors import KForcingError
 from kforcing.evaluation.bench import (
     METHODS,
+    OPTIONAL,
     BenchConfig,
-    load_models,
     merge_results,
     run_bench,
     write_results,
 )
+from kforcing.evaluation.bench_inputs import load_models
 from kforcing.evaluation.bench_machine import busy_warning, parse_cores, pin_cores
 from kforcing.evaluation.bench_report import dtype_winners
 from kforcing.evaluation.roofline import DTYPES
@@ -57,6 +58,8 @@ def bench_config(args) -> BenchConfig:
         ks = ints(",".join(fixed), "--k") if fixed or not parts else None
         if "auto" in parts and "kforcing-auto" not in methods:
             methods += ("kforcing-auto",)
+    if args.compile and "ar-compiled" not in methods:
+        methods += ("ar-compiled",)
     if args.no_hf:
         methods = tuple(m for m in methods if not m.startswith("hf-"))
     return BenchConfig(batch_sizes=ints(args.batch_sizes, "--batch-sizes"),
@@ -124,7 +127,11 @@ def add_parser(sub) -> None:
                     "(default: random tokens)")
     sp.add_argument("--k", help="comma-separated k values of the kforcing rows (default: 1,2,4,8 "
                     "up to max_k); 'auto' adds the kforcing-auto row")
-    sp.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    sp.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: "
+                    f"all of them), or {','.join(OPTIONAL)}")
+    sp.add_argument("--compile", action="store_true",
+                    help="add the ar-compiled rows: AR through one torch.compile graph "
+                    "(Transformer.compile_decode; rows record the first run, which compiles)")
     sp.add_argument("--batch-sizes",
                     default=",".join(map(str, default_of(BenchConfig, "batch_sizes"))))
     sp.add_argument("--prompt-len", type=count, default=default_of(BenchConfig, "prompt_len"))

@@ -16,8 +16,10 @@ from kforcing.cli.common import (
     path,
     positive,
 )
+from kforcing.core.model import Transformer
 from kforcing.core.sampling import CDF_ORDERS, SamplingConfig
 from kforcing.decoding.generate import generate
+from kforcing.errors import KForcingError
 from kforcing.evaluation.roofline import DTYPES, dtype_of
 from kforcing.students.pushforward import PushForward
 from kforcing.students.store import teacher_of
@@ -34,6 +36,12 @@ def cmd_generate(args) -> None:
     teacher = (teacher_of(model, args.model)
                if student and (args.lossless or args.k == "auto") else None)
     teacher = None if teacher is None else teacher.to(model_dtype(model))
+    if args.compile:
+        ar_model = model if isinstance(model, Transformer) else (teacher or model.teacher)
+        if ar_model is None:
+            raise KForcingError("--compile compiles the AR decode step: this student decodes "
+                                "no AR here (use it with a teacher, mode ar or --k auto)")
+        ar_model.compile_decode()
     sampling = SamplingConfig(cdf_order=args.cdf_order) if args.cdf_order else None
     res = generate(model, ids, args.max_new_tokens, mode="lossless" if args.lossless else None,
                    k=args.k, sampling=sampling, temperature=args.temperature, top_k=args.top_k,
@@ -83,6 +91,10 @@ def add_parser(sub) -> None:
     sp.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                     help="weights and activations while decoding (bench --dtype measures which "
                     "is faster at each batch size)")
+    sp.add_argument("--compile", action="store_true",
+                    help="decode AR steps (a teacher, or a student's teacher in mode ar and "
+                    "when --k auto picks AR) through one torch.compile graph: the first step "
+                    "compiles (tens of seconds); docs/RESULTS.md measures when it pays")
     device_flag(sp)
     sp.add_argument("--json", action="store_true", help="one JSON line per completion")
     sp.set_defaults(run=cmd_generate)

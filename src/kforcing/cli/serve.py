@@ -40,7 +40,8 @@ def cmd_serve(args) -> None:
                       mode=args.mode, k=args.k, max_batch=args.max_batch,
                       batch_wait_ms=args.batch_wait_ms, device=args.device,
                       name=args.name, grace_s=args.grace, max_body=args.max_body,
-                      autok_cache=args.cache, log_level=args.log_level)
+                      autok_cache=args.cache, log_level=args.log_level,
+                      compile=args.compile)
     server.serve(cfg)
 
 
@@ -107,6 +108,9 @@ def add_parser(sub) -> None:
                     "$KFORCING_CACHE or ./.cache)")
     sp.add_argument("--log-level", default=defaults.log_level,
                     choices=["critical", "error", "warning", "info", "debug"])
+    sp.add_argument("--compile", action="store_true",
+                    help="AR waves through one torch.compile graph, compiled at start-up "
+                    "(tens of seconds; docs/RESULTS.md measures when it pays)")
     device_flag(sp)
     sp.set_defaults(run=cmd_serve)
 

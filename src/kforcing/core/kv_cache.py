@@ -1,7 +1,9 @@
 """A preallocated key/value cache shared by every decoder (AR, K-Forcing, lossless).
 
 Slots are filled left to right and shared by all rows of the batch; each row has its own RoPE
-positions (so ragged prompts can be left-padded) and a validity mask for padding slots.
+positions (so ragged prompts can be left-padded) and a validity mask for padding slots. Each layer
+has its own K and V tensors (k[layer], v[layer]): a compiled decode step (decoding/static.py) then
+writes one slot of a graph input in place instead of copying a buffer shared by every layer.
 
 The protocol that K-Forcing relies on: a forward pass writes the K/V of all its T tokens at slots
 [length, length + T) and attends over [0, length + T); only the first `commit` of them become part
@@ -19,9 +21,9 @@ from kforcing.errors import KForcingError
 class KVCache:
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
                  *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.has_padding = False
         self.length = 0
@@ -37,7 +39,15 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
 
     def check_room(self, T: int) -> None:
         if self.length + T > self.max_len:
@@ -53,11 +63,11 @@ class KVCache:
         """
         L, T = self.length, k.shape[2]
         if not store:
-            return (torch.cat([self.k[layer, :, :, :L], k], dim=2),
-                    torch.cat([self.v[layer, :, :, :L], v], dim=2))
-        self.k[layer, :, :, L:L + T] = k
-        self.v[layer, :, :, L:L + T] = v
-        return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]
+            return (torch.cat([self.k[layer][:, :, :L], k], dim=2),
+                    torch.cat([self.v[layer][:, :, :L], v], dim=2))
+        self.k[layer][:, :, L:L + T] = k
+        self.v[layer][:, :, L:L + T] = v
+        return self.k[layer][:, :, :L + T], self.v[layer][:, :, :L + T]
 
     def mark_padding(self, valid: torch.Tensor) -> None:
         """valid (B, T): False for padding among the next T slots (call before the pass)."""
@@ -74,10 +84,9 @@ class KVCache:
         (padded), kept (B,) how many of them the row keeps. Where every row keeps `same`, the
         cache simply grows by it (AR's layout); otherwise by R with the rest masked out."""
         L, R = self.length, path.shape[1]
-        src = (L + R + path)[None, :, None, :, None]                      # (1, B, 1, R, 1)
-        for buf in (self.k, self.v):
-            idx = src.expand(buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
-            buf[:, :, :, L:L + R] = buf.gather(3, idx)
+        src = (L + R + path)[:, None, :, None]                            # (B, 1, R, 1)
+        for buf in (*self.k, *self.v):
+            buf[:, :, L:L + R] = buf.gather(2, src.expand(-1, buf.shape[1], -1, buf.shape[3]))
         if same is not None:
             self.length = L + same
             self.valid[:, L:] = True

@@ -151,6 +151,16 @@ class Attention(nn.Module):
                 enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, N, -1))
 
+    def step_static(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    mask: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                    slot: torch.Tensor) -> torch.Tensor:
+        """Transformer.decode_static's attention: the token's K/V go to `slot` of the layer's
+        whole cache buffers (B, Hkv, M, D), and it attends over all M slots through `mask`."""
+        q, k, v = self.project(x, cos, sin)
+        k_buf[:, :, slot] = k
+        v_buf[:, :, slot] = v
+        return self.attend(q, k_buf, v_buf, mask)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None, store: bool = True,
                 per_query: bool = False, tree: DraftTree | None = None) -> torch.Tensor:
@@ -193,6 +203,10 @@ class Block(nn.Module):
                                     tree))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
+    def step_static(self, x, cos, sin, mask, k_buf, v_buf, slot):
+        x = x + self.attn.step_static(self.attn_norm(x), cos, sin, mask, k_buf, v_buf, slot)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 def causal_mask(T: int, past: int = 0, valid: torch.Tensor | None = None,
                 device: torch.device | str = "cpu") -> torch.Tensor:
@@ -223,6 +237,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpoint = False   # training-time switch, not part of the config
+        self.compiled_step = None      # compile_decode()
         self.apply(self._init_weights)
         # scaled init of the residual projections (GPT-2 / nanoGPT)
         for name, p in self.named_parameters():
@@ -309,3 +324,36 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         return x if return_hidden else self.output(x)
+
+    def decode_static(self, idx: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                      valid: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
+                      ) -> torch.Tensor:
+        """One AR decode step with static shapes, what compile_decode compiles: tokens idx
+        (B, 1) at RoPE positions pos (B, 1) -> next-token logits (B, V). Their K/V go to slot
+        `slot` ((1,) long) of every layer's whole cache buffers ks, vs (KVCache.k, .v: (B, Hkv,
+        M, D) each), and each token attends over the slots <= slot that valid (B, M) keeps
+        (KVCache.valid). No shape depends on the cache's length: one graph serves every step."""
+        x = self.tok_embeddings(idx)
+        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+        seen = torch.arange(ks[0].shape[2], device=idx.device) <= slot               # (M,)
+        mask = (seen[None] & valid)[:, None, None]                                  # (B, 1, 1, M)
+        for layer, k_buf, v_buf in zip(self.layers, ks, vs, strict=True):
+            x = layer.step_static(x, cos, sin, mask, k_buf, v_buf, slot)
+        return self.output(self.norm(x))[:, 0]
+
+    def compile_decode(self, **options) -> Transformer:
+        """Opt in to a compiled AR decode step (decoding/ar.py then decodes through it):
+        decode_static as one torch.compile graph (CPU: inductor with frozen weights, needs a C++
+        compiler; options go to torch.compile, e.g. mode="reduce-overhead" for CUDA graphs).
+        The first step compiles (tens of seconds, measured in docs/RESULTS.md); a new batch size
+        or cache size compiles once more with dynamic shapes. Fused kernels round differently
+        from eager ones, so a sampled token can differ in a near-tie from eager AR (and from
+        lossless mode, which verifies with eager passes). Call it after the final .to(): the
+        graph holds the weights as they are then. Returns self."""
+        options.setdefault("options", {"freezing": True} if self._device().type == "cpu"
+                           else {})
+        self.compiled_step = torch.compile(self.decode_static, fullgraph=True, **options)
+        return self
+
+    def _device(self) -> torch.device:
+        return self.output.weight.device

@@ -34,13 +34,15 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
                 sampling: SamplingConfig | None = None, seed: int = 0,
                 noise: NoiseStream | None = None, eos_id: int | None = None,
                 stop_at_eos: bool = True, frequency_penalty: float = 0.0,
-                cache: KVCache | None = None, on_tokens: OnTokens | None = None
-                ) -> GenerationResult:
+                cache: KVCache | None = None, on_tokens: OnTokens | None = None,
+                compiled: bool | None = None) -> GenerationResult:
     """prompts (B lists of token ids) -> B continuations of up to max_new_tokens tokens.
 
     noise: one seed per row (default rows seeded seed, seed + 1, ...). frequency_penalty: each
     token's logit is lowered by penalty x (times that row has generated it so far). on_tokens:
-    streaming callback (decoding.common.OnTokens)."""
+    streaming callback (decoding.common.OnTokens). compiled: decode through the model's
+    compiled static step (Transformer.compile_decode; True compiles it now if needed), False
+    eagerly; None (default) through the compiled step when the model has one."""
     cfg = model.config
     sampling = sampling or SamplingConfig()
     check_prompts(prompts, max_new_tokens, cfg.max_seq_len, cfg.vocab_size)
@@ -48,10 +50,14 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
         raise KForcingError(f"frequency_penalty must be a number, got {frequency_penalty}")
     B = len(prompts)
     P = max(len(p) for p in prompts)
+    compiled_step = _step_fn(model, compiled)
     if cache is None:
-        cache = KVCache.for_model(model, B, max_len=P + max_new_tokens)
+        need = P + max_new_tokens
+        if compiled_step is not None:   # rounded up: fewer shapes for the compiled graph
+            need = min(cfg.max_seq_len, -(-need // CACHE_ROUND) * CACHE_ROUND)
+        cache = KVCache.for_model(model, B, max_len=need)
     cache.reset()
-    device = cache.k.device
+    device = cache.device
     stream = noise_for(noise, seed, B, device)
     eos = cfg.eos_id if eos_id is None else eos_id
     sync = sync_fn(device)
@@ -88,13 +94,40 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
                 break
         if step + 1 == max_new_tokens:
             break
-        logits = model(tok[:, None], input_pos=pos[:, None], cache=cache)[:, -1]
+        if compiled_step is None:
+            logits = model(tok[:, None], input_pos=pos[:, None], cache=cache)[:, -1]
+        else:
+            logits = compiled_step(tok, pos, cache)
         pos = pos + 1
         passes += 1
     sync()
     t2 = time.perf_counter()
     rows, finished = cut_at_eos(out[:, :steps].tolist(), eos if stop_at_eos else None)
     return GenerationResult(streamer.cut(rows), finished, passes, t1 - t0, t2 - t1)
+
+
+# a compiled decode's cache is allocated in multiples of this many slots
+CACHE_ROUND = 64
+
+
+def _step_fn(model: Transformer, compiled: bool | None
+             ) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] | None:
+    """The compiled static step as (tok (B,), pos (B,), cache) -> logits (B, V), or None for
+    the eager forward."""
+    if compiled is False or (compiled is None and model.compiled_step is None):
+        return None
+    if model.compiled_step is None:
+        model.compile_decode()
+    graph = model.compiled_step
+
+    def step(tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        cache.check_room(1)
+        slot = torch.full((1,), cache.length, dtype=torch.long, device=tok.device)
+        logits = graph(tok[:, None], pos[:, None], slot, cache.valid, cache.k, cache.v)
+        cache.commit(1)
+        return logits
+
+    return step
 
 
 def _token_noises(stream: NoiseStream, sampling: SamplingConfig, B: int, n: int, V: int,

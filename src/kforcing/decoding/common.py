@@ -100,7 +100,7 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 
 def prefill(model: Transformer, cache: KVCache, prompts: list[list[int]]) -> Prefill:
     """Left-pad the prompts into one batch and run them through the model into the cache."""
-    ids, valid, pos = left_pad(prompts, cache.k.device)
+    ids, valid, pos = left_pad(prompts, cache.device)
     cache.mark_padding(valid)
     logits = model(ids, input_pos=pos, cache=cache, last_only=True)[:, -1]
     return Prefill(logits=logits, next_pos=pos[:, -1] + 1)

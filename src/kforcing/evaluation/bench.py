@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kforcing.core.config import ModelConfig
 from kforcing.core.model import Transformer
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
@@ -46,18 +45,18 @@ from kforcing.decoding.autok import choose_k, machine_info
 from kforcing.decoding.generate import generate
 from kforcing.decoding.machine import Watch
 from kforcing.errors import KForcingError
+from kforcing.evaluation.bench_inputs import make_prompts
 from kforcing.evaluation.bench_machine import busy_warning, usable_cores
 from kforcing.evaluation.bench_plot import plot, series_label
 from kforcing.evaluation.bench_report import add_roofline, dtype_winners, roofline_markdown
 from kforcing.evaluation.bench_rounds import interleaved_rows
 from kforcing.evaluation.roofline import dtype_of
-from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json, load_model
+from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json
 from kforcing.io.hf import to_hf_model
-from kforcing.io.tokens import TokenFile
-from kforcing.students.feedback import is_feedback_dir, load_feedback
-from kforcing.students.store import load_student, teacher_of
 
 METHODS = ("ar", "kforcing", "kforcing-auto", "lossless", "hf-generate", "hf-assisted")
+# measured only when asked for (--methods, or bench --compile): the first run compiles
+OPTIONAL = ("ar-compiled",)
 
 
 @dataclass
@@ -82,10 +81,10 @@ class BenchConfig:
             raise KForcingError("batch sizes must be positive integers")
         if self.prompt_len < 1 or self.new_tokens < 1 or self.repeats < 1:
             raise KForcingError("prompt length, new tokens and repeats must be >= 1")
-        unknown = sorted(set(self.methods) - set(METHODS))
+        unknown = sorted(set(self.methods) - set(METHODS + OPTIONAL))
         if unknown:
             raise KForcingError(f"unknown bench method(s) {', '.join(unknown)}: choose from "
-                                f"{', '.join(METHODS)}")
+                                f"{', '.join(METHODS + OPTIONAL)}")
         if not 0 < self.temperature < math.inf:
             raise KForcingError(f"bench temperature must be a finite number > 0 (K-Forcing maps "
                                 f"noise to samples), got {self.temperature}")
@@ -147,23 +146,6 @@ class BenchResult:
 
 def command_line() -> str:
     return "kforcing " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-# -- prompts ------------------------------------------------------------------------------------
-
-def make_prompts(batch_size: int, prompt_len: int, vocab: int, data: str | Path | None = None,
-                 seed: int = 0) -> list[list[int]]:
-    """Held-out text (validation split of a prepared corpus) when given, else random tokens.
-    Speed does not depend on content, but lossless and assisted acceptance rates do."""
-    g = torch.Generator().manual_seed(seed)
-    if data is not None:
-        tokens = TokenFile(Path(data) / "validation.bin")
-        n = tokens.num_blocks(prompt_len)
-        if n == 0:
-            raise KForcingError(f"validation split of {data} is shorter than one prompt")
-        idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
-        return [[int(t) for t in tokens.block(i, prompt_len)[:prompt_len]] for i in idx]
-    return torch.randint(0, vocab, (batch_size, prompt_len), generator=g).tolist()
 
 
 # -- one configuration --------------------------------------------------------------------------
@@ -231,6 +213,7 @@ class Bench:
     command: str
     hf_teacher: object = None
     hf_draft: object = None
+    compiled: object = None                      # the teacher's compiled step (ar-compiled)
     usage: dict = field(default_factory=dict)    # the last configuration's load and CPU time
 
     def measure(self, fn: Callable[[int], Run], B: int, warmup: int = 8) -> list[Run]:
@@ -292,7 +275,7 @@ def plan_rows(cfg: BenchConfig, methods: set[str], ks: list[int], skipped: list[
     is 0 (greedy) or 1 (sampling)."""
     plan: list[tuple[int, str, int | None]] = []
     for B in cfg.batch_sizes:
-        plan += [(B, "ar", None)] if "ar" in methods else []
+        plan += [(B, m, None) for m in ("ar", "ar-compiled") if m in methods]
         plan += [(B, "kforcing", k) for k in ks] if "kforcing" in methods else []
         plan += [(B, m, None) for m in ("kforcing-auto", "lossless") if m in methods]
         plan += [(B, "hf-generate", 0), (B, "hf-generate", 1)] if "hf-generate" in methods else []
@@ -311,10 +294,20 @@ def _skip(method: str, reason: str, B: int | None = None) -> dict:
 
 # -- one row per method: (bench, batch size, k, prompts) -> BenchRow ---------------------------
 
-def _decode_ar(b: Bench, prompts: list[list[int]]) -> Callable[[int], Run]:
+def _decode_ar(b: Bench, prompts: list[list[int]], compiled: bool = False
+               ) -> Callable[[int], Run]:
+    """AR decoding, eager or through the bench's compiled step (lent to the teacher for the
+    run only, so no other row decodes through it)."""
     sampling = SamplingConfig(temperature=b.cfg.temperature)
-    return _ours(lambda n: generate_ar(b.teacher, prompts, n, sampling=sampling,
-                                       seed=b.cfg.seed, stop_at_eos=False))
+
+    def run(n: int):
+        b.teacher.compiled_step = b.compiled if compiled else None
+        try:
+            return generate_ar(b.teacher, prompts, n, sampling=sampling, seed=b.cfg.seed,
+                               stop_at_eos=False, compiled=compiled)
+        finally:
+            b.teacher.compiled_step = None
+    return _ours(run)
 
 
 def _decode_kforcing(b: Bench, prompts: list[list[int]], k: int) -> Callable[[int], Run]:
@@ -326,6 +319,18 @@ def _decode_kforcing(b: Bench, prompts: list[list[int]], k: int) -> Callable[[in
 
 def ar_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
     return b.row("ar", 1, "sample", b.measure(_decode_ar(b, prompts), B), B)
+
+
+def ar_compiled_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
+    """AR through Transformer.compile_decode. `first_run_seconds`: a 2-token run before the
+    warm-up, which compiles when this batch size is a new shape for the graph."""
+    if b.compiled is None:
+        b.compiled = b.teacher.compile_decode().compiled_step
+        b.teacher.compiled_step = None
+    fn = _decode_ar(b, prompts, compiled=True)
+    first = fn(2).seconds
+    return b.row("ar-compiled", 1, "sample", b.measure(fn, B), B,
+                 {"first_run_seconds": round(first, 2)})
 
 
 def kforcing_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
@@ -370,8 +375,9 @@ def hf_assisted_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -
 
 
 ROWS: dict[str, Callable[[Bench, int, int | None, list[list[int]]], BenchRow]] = {
-    "ar": ar_row, "kforcing": kforcing_row, "kforcing-auto": kforcing_auto_row,
-    "lossless": lossless_row, "hf-generate": hf_generate_row, "hf-assisted": hf_assisted_row}
+    "ar": ar_row, "ar-compiled": ar_compiled_row, "kforcing": kforcing_row,
+    "kforcing-auto": kforcing_auto_row, "lossless": lossless_row,
+    "hf-generate": hf_generate_row, "hf-assisted": hf_assisted_row}
 
 
 def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None = None,
@@ -471,24 +477,3 @@ def read_rows(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise KForcingError(f"no benchmark results at {p}")
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
-# -- models ---------------------------------------------------------------------------------------
-
-def load_models(model: str | None, student: str | None, draft: str | None):
-    """(teacher, student, draft): the teacher defaults to the one the student was distilled
-    from (a token-feedback student's directory works too); with neither, a random `small`
-    model (speed does not depend on the weights)."""
-    kf = teach = None
-    if student and is_feedback_dir(student):     # holds its teacher: share it, do not copy
-        kf = load_feedback(student, teacher=load_model(model) if model else None)
-        return kf.teacher, kf, load_model(draft) if draft else None
-    if student:
-        kf = load_student(student)
-        teach = teacher_of(kf, student) if not model else None
-    if model:
-        teach = load_model(model)
-    if teach is None:
-        torch.manual_seed(0)
-        teach = Transformer(ModelConfig.preset("small")).eval()
-    return teach, kf, load_model(draft) if draft else None

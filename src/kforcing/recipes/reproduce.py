@@ -26,7 +26,8 @@ from kforcing.core.config import ModelConfig, TrainConfig
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.generate import generate
 from kforcing.errors import KForcingError
-from kforcing.evaluation.bench import BenchConfig, load_models, run_bench, write_results
+from kforcing.evaluation.bench import BenchConfig, run_bench, write_results
+from kforcing.evaluation.bench_inputs import load_models
 from kforcing.evaluation.evaluate import EvalConfig, evaluate
 from kforcing.evaluation.match import build_match_set, match_rates
 from kforcing.evaluation.quality import load_judge

@@ -30,6 +30,7 @@ class ServeConfig:
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     autok_cache: str | None = None
     log_level: str = "info"
+    compile: bool = False                # AR steps through Transformer.compile_decode
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

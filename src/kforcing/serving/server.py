@@ -12,10 +12,12 @@ import logging
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import uvicorn
 
+from kforcing.decoding.ar import generate_ar
 from kforcing.serving.app import ServerSettings, create_app
 from kforcing.serving.config import ServeConfig
 from kforcing.serving.engine import Engine, load_served
@@ -44,6 +46,8 @@ class _Server(uvicorn.Server):
 def build(cfg: ServeConfig) -> tuple[_Server, Engine, Scheduler]:
     """The server, ready to run (model loaded, `--k auto` calibrated for every batch size)."""
     served = load_served(Path(cfg.model), device=cfg.device, name=cfg.name)
+    if cfg.compile and served.ar_model is not None:
+        compile_ar(served.ar_model, cfg.max_batch)
     engine = Engine(served, mode=cfg.mode, k=cfg.k, autok_cache=cfg.autok_cache)
     engine.warm_up(cfg.max_batch)
     scheduler = Scheduler(engine, cfg.max_batch, cfg.batch_wait_ms / 1000)
@@ -53,6 +57,16 @@ def build(cfg: ServeConfig) -> tuple[_Server, Engine, Scheduler]:
                             timeout_graceful_shutdown=int(cfg.grace_s + WRITE_S),
                             access_log=cfg.log_level == "debug")
     return _Server(config, scheduler, cfg.grace_s), engine, scheduler
+
+
+def compile_ar(model, max_batch: int) -> None:
+    """--compile: compile the AR step before serving, for one row and for a batch (the second
+    shape makes the graph's batch and cache sizes dynamic, so later waves do not compile)."""
+    t0 = time.perf_counter()
+    model.compile_decode()
+    for b in sorted({1, max_batch}):
+        generate_ar(model, [[0]] * b, 2, stop_at_eos=False)
+    log.warning("compiled the AR decode step in %.0f s", time.perf_counter() - t0)
 
 
 def serve(cfg: ServeConfig, sock: socket.socket | None = None) -> None:

@@ -381,8 +381,8 @@ class FeedbackStudent(nn.Module):
                 [k[:, :, :L] for k in cache.k], [v[:, :, :L] for v in cache.v], head,
                 window.noise[:, i], window.sampling)
             for layer, (k, v) in enumerate(zip(ks, vs, strict=True)):
-                cache.k[layer, :, :, L:L + 1] = k
-                cache.v[layer, :, :, L:L + 1] = v
+                cache.k[layer][:, :, L:L + 1] = k
+                cache.v[layer][:, :, L:L + 1] = v
             cache.commit(1)
             return h, q, y
 

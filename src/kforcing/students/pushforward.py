@@ -170,19 +170,19 @@ class PushForward(nn.Module):
         noise = self.noise(u[:, :n], tau.reshape(B, 1))                     # (B, n, D)
         noise_pos = real_pos[:, -1:] + torch.arange(1, n + 1, device=real.device)
         if self.teacher is None:
-            emb = torch.cat([self.backbone.tok_embeddings(real), noise.to(cache.k.dtype)], 1)
+            emb = torch.cat([self.backbone.tok_embeddings(real), noise.to(cache.dtype)], 1)
             h = self.backbone(embeds=emb, input_pos=torch.cat([real_pos, noise_pos], 1),
                               cache=cache, commit=R, return_hidden=True)
             h_real, h_noise = h[:, :R], h[:, R:]
         elif n and not torch.is_grad_enabled():
             # decoding: both streams in one pass, layer by layer (half the per-op overhead)
             h_real, h_noise = two_stream_pass(self.teacher, self.backbone, cache, real, real_pos,
-                                              noise.to(cache.k.dtype), noise_pos,
+                                              noise.to(cache.dtype), noise_pos,
                                               last_only=not context_logits)
         else:
             h_real = self.teacher(real, input_pos=real_pos, cache=cache,
                                   last_only=not context_logits, return_hidden=True)
-            h_noise = (self.backbone(embeds=noise.to(cache.k.dtype), input_pos=noise_pos,
+            h_noise = (self.backbone(embeds=noise.to(cache.dtype), input_pos=noise_pos,
                                      cache=cache, commit=0, return_hidden=True)
                        if n else h_real[:, :0])
         h_last = h_real[:, -1:]
