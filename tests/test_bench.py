@@ -321,10 +321,14 @@ def test_ar_compiled_rows_decode_through_the_compiled_step_only(make_model, monk
     res = run_bench(teacher, cfg=cfg, command="test", progress=False)
     assert [(r.batch_size, r.method) for r in res.rows] == [
         (1, "ar"), (1, "ar-compiled"), (2, "ar"), (2, "ar-compiled")]
-    # n new tokens take n - 1 steps after the prefill; per ar-compiled row: the 2-token first
-    # run, the 3-token warm-up and 2 timed 3-token runs
-    assert len(used) == 2 * (1 + 2 + 2 * 2)
+    # n new tokens take n - 1 steps after the prefill; per ar-compiled row: the first run, the
+    # warm-up and 2 timed runs, 3 tokens each
+    assert len(used) == 2 * (2 + 2 + 2 * 2)
     assert teacher.compiled_step is None
     assert all("first_run_seconds" in r.extra for r in res.rows if r.method == "ar-compiled")
     with pytest.raises(KForcingError, match="unknown bench method"):
         BenchConfig(methods=("ar-compiledd",))
+    cfg = BenchConfig(batch_sizes=(1,), prompt_len=4, new_tokens=3, repeats=1, ks=(2,),
+                      methods=("kforcing-compiled",), roofline=False)
+    res = run_bench(teacher, tiny_student(teacher), cfg=cfg, command="test", progress=False)
+    assert res.rows == [] and "token-feedback" in res.skipped[0]["reason"]

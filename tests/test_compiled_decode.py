@@ -5,11 +5,13 @@ generate_ar, one graph for every step."""
 from __future__ import annotations
 
 import torch
+from test_feedback import tiny_student
 
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import CACHE_ROUND, generate_ar
 from kforcing.decoding.common import prefill
+from kforcing.decoding.generate import generate
 
 TOL = 1e-5
 PROMPTS = [[5, 9, 2, 7, 1], [3, 8]]          # ragged: row 1 is left-padded
@@ -25,10 +27,9 @@ def test_static_step_matches_the_eager_step_and_cache(make_model):
     pos, tok = pre.next_pos, torch.tensor([4, 6])
     for _ in range(6):
         a = model(tok[:, None], input_pos=pos[:, None], cache=eager)[:, -1]
-        slot = torch.tensor([static.length])
-        b = model.decode_static(tok[:, None], pos[:, None], slot, static.valid, static.k,
-                                static.v)
-        static.commit(1)
+        model.compiled_step = model.decode_static
+        b = model.compiled_pass(tok[:, None], pos[:, None], static)[:, -1]
+        model.compiled_step = None
         assert float((a - b).abs().max()) < TOL
         tok, pos = a.argmax(-1), pos + 1
     assert static.length == eager.length
@@ -65,3 +66,23 @@ def test_compile_decode_compiles_one_graph_with_the_eager_tokens(make_model):
     again = generate_ar(model, PROMPTS[:1], CACHE_ROUND + 3, seed=0)
     ref = generate_ar(model, PROMPTS[:1], CACHE_ROUND + 3, seed=0, compiled=False)
     assert again.tokens == ref.tokens
+
+
+def test_kforcing_mode_through_the_teachers_static_pass_gives_the_eager_tokens(make_model):
+    """K-Forcing mode's k-token teacher passes through compiled_pass (the uncompiled static
+    graph here): the same tokens as eager passes; lossless keeps its eager passes."""
+    teacher = make_model().eval()
+    student = tiny_student(teacher)
+    calls = []
+
+    def static(*a):
+        calls.append(a[0].shape[1])
+        return teacher.decode_static(*a)
+    out = {}
+    for compiled in (False, True):
+        teacher.compiled_step = static if compiled else None
+        out[compiled] = [generate(student, PROMPTS, 9, mode=m, k=3, seed=2).tokens
+                         for m in ("kforcing", "lossless")]
+    teacher.compiled_step = None
+    assert out[True] == out[False]
+    assert calls and set(calls) == {3}          # only K-Forcing's 3-token windows

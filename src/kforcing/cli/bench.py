@@ -58,8 +58,8 @@ def bench_config(args) -> BenchConfig:
         ks = ints(",".join(fixed), "--k") if fixed or not parts else None
         if "auto" in parts and "kforcing-auto" not in methods:
             methods += ("kforcing-auto",)
-    if args.compile and "ar-compiled" not in methods:
-        methods += ("ar-compiled",)
+    if args.compile:
+        methods += tuple(m for m in OPTIONAL if m not in methods)
     if args.no_hf:
         methods = tuple(m for m in methods if not m.startswith("hf-"))
     return BenchConfig(batch_sizes=ints(args.batch_sizes, "--batch-sizes"),
@@ -130,8 +130,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: "
                     f"all of them), or {','.join(OPTIONAL)}")
     sp.add_argument("--compile", action="store_true",
-                    help="add the ar-compiled rows: AR through one torch.compile graph "
-                    "(Transformer.compile_decode; rows record the first run, which compiles)")
+                    help="add the ar-compiled and kforcing-compiled rows: AR steps and K-Forcing "
+                    "teacher passes through one torch.compile graph (Transformer."
+                    "compile_decode; rows record their first run, which compiles)")
     sp.add_argument("--batch-sizes",
                     default=",".join(map(str, default_of(BenchConfig, "batch_sizes"))))
     sp.add_argument("--prompt-len", type=count, default=default_of(BenchConfig, "prompt_len"))

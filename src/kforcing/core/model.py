@@ -325,31 +325,46 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.output(x)
 
-    def decode_static(self, idx: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
-                      valid: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
-                      ) -> torch.Tensor:
-        """One AR decode step with static shapes, what compile_decode compiles: tokens idx
-        (B, 1) at RoPE positions pos (B, 1) -> next-token logits (B, V). Their K/V go to slot
-        `slot` ((1,) long) of every layer's whole cache buffers ks, vs (KVCache.k, .v: (B, Hkv,
-        M, D) each), and each token attends over the slots <= slot that valid (B, M) keeps
-        (KVCache.valid). No shape depends on the cache's length: one graph serves every step."""
+    def decode_static(self, idx: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                      valid: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+                      hidden: bool = False) -> torch.Tensor:
+        """A cached pass with static shapes, what compile_decode compiles: tokens idx (B, T) at
+        RoPE positions pos (B, T) -> logits (B, T, V), or with hidden the final (normed) hidden
+        states (B, T, D). Their K/V go to cache slots `slots` ((T,) long, consecutive) of every
+        layer's whole buffers ks, vs (KVCache.k, .v: (B, Hkv, M, D) each), and token i attends
+        over the slots <= slots[i] that valid (B, M) keeps (KVCache.valid). No shape depends on
+        the cache's length: one graph serves every step. compiled_pass calls it on a KVCache."""
         x = self.tok_embeddings(idx)
         cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
-        seen = torch.arange(ks[0].shape[2], device=idx.device) <= slot               # (M,)
-        mask = (seen[None] & valid)[:, None, None]                                  # (B, 1, 1, M)
+        seen = torch.arange(ks[0].shape[2], device=idx.device)[None] <= slots[:, None]  # (T, M)
+        mask = (seen[None] & valid[:, None])[:, None]                            # (B, 1, T, M)
         for layer, k_buf, v_buf in zip(self.layers, ks, vs, strict=True):
-            x = layer.step_static(x, cos, sin, mask, k_buf, v_buf, slot)
-        return self.output(self.norm(x))[:, 0]
+            x = layer.step_static(x, cos, sin, mask, k_buf, v_buf, slots)
+        x = self.norm(x)
+        return x if hidden else self.output(x)
+
+    def compiled_pass(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, *,
+                      hidden: bool = False) -> torch.Tensor:
+        """forward(idx, input_pos=pos, cache=cache[, return_hidden=True]) through the compiled
+        graph (compile_decode first): all T tokens are committed. Positions must lie inside
+        the context (the decoders check prompts and lengths up front)."""
+        T = idx.shape[1]
+        cache.check_room(T)
+        slots = torch.arange(cache.length, cache.length + T, device=idx.device)
+        out = self.compiled_step(idx, pos, slots, cache.valid, cache.k, cache.v, hidden)
+        cache.commit(T)
+        return out
 
     def compile_decode(self, **options) -> Transformer:
-        """Opt in to a compiled AR decode step (decoding/ar.py then decodes through it):
-        decode_static as one torch.compile graph (CPU: inductor with frozen weights, needs a C++
-        compiler; options go to torch.compile, e.g. mode="reduce-overhead" for CUDA graphs).
-        The first step compiles (tens of seconds, measured in docs/RESULTS.md); a new batch size
-        or cache size compiles once more with dynamic shapes. Fused kernels round differently
-        from eager ones, so a sampled token can differ in a near-tie from eager AR (and from
-        lossless mode, which verifies with eager passes). Call it after the final .to(): the
-        graph holds the weights as they are then. Returns self."""
+        """Opt in to compiled decode passes: decode_static as one torch.compile graph (CPU:
+        inductor with frozen weights, needs a C++ compiler; options go to torch.compile, e.g.
+        mode="reduce-overhead" for CUDA graphs). AR decoding (decoding/ar.py) and K-Forcing
+        mode's teacher passes (decoding/feedback.py) then go through compiled_pass; lossless
+        verification stays eager. The first pass compiles (tens of seconds, measured in
+        docs/RESULTS.md); a new batch size, cache size or pass length compiles once more with
+        dynamic shapes. Fused kernels round differently from eager ones, so a sampled token can
+        differ in a near-tie from eager decoding. Call it after the final .to(): the graph holds
+        the weights as they are then. Returns self."""
         options.setdefault("options", {"freezing": True} if self._device().type == "cpu"
                            else {})
         self.compiled_step = torch.compile(self.decode_static, fullgraph=True, **options)

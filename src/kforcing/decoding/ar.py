@@ -118,16 +118,7 @@ def _step_fn(model: Transformer, compiled: bool | None
         return None
     if model.compiled_step is None:
         model.compile_decode()
-    graph = model.compiled_step
-
-    def step(tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        cache.check_room(1)
-        slot = torch.full((1,), cache.length, dtype=torch.long, device=tok.device)
-        logits = graph(tok[:, None], pos[:, None], slot, cache.valid, cache.k, cache.v)
-        cache.commit(1)
-        return logits
-
-    return step
+    return lambda tok, pos, cache: model.compiled_pass(tok[:, None], pos[:, None], cache)[:, -1]
 
 
 def _token_noises(stream: NoiseStream, sampling: SamplingConfig, B: int, n: int, V: int,

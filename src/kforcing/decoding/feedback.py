@@ -7,6 +7,7 @@ A window: the draft proposes y_2..y_k; one teacher pass reads [first, y_2..y_k] 
 cache) and gives features and logits at each of them.
 
 - kforcing: all k tokens are emitted; the teacher's logits at the last one give the next `first`.
+  With Transformer.compile_decode the teacher's window passes run as one compiled graph.
 - lossless: the teacher's own token at slot j (with the noise of that token index) verifies
   y_{j+2}; the longest agreeing prefix is emitted with `first`, and the teacher's token at the
   first disagreement (or after the last proposal) becomes the next `first`. Rejected slots are
@@ -222,6 +223,9 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
     # one row's lossless windows can repeat AR's arithmetic exactly (module docstring)
     per_query = (mode == "lossless" and B == 1
                  and batch_invariant(teacher, tree.size if tree else k))
+    # K-Forcing mode's teacher passes go through the teacher's compiled graph when it has one
+    # (Transformer.compile_decode); lossless verification keeps the eager passes
+    compiled = mode == "kforcing" and teacher.compiled_step is not None
     t0 = time.perf_counter()
     first, h, _ = _prefill(student, t_cache, d_cache, ids, valid, pos, noise, sampling)
     sync()
@@ -245,8 +249,11 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
             zpos = p[:, None] + ar_k
             start = t_cache.length
             t_cache.mark_padding(active[:, None].expand(B, k))
-            F = teacher(z, input_pos=zpos, cache=t_cache, return_hidden=True,
-                        per_query=per_query)                                  # (B, k, D)
+            if compiled:
+                F = teacher.compiled_pass(z, zpos, t_cache, hidden=True)
+            else:
+                F = teacher(z, input_pos=zpos, cache=t_cache, return_hidden=True,
+                            per_query=per_query)                              # (B, k, D)
             if mode == "lossless":
                 t = sample(teacher.output(F), G, sampling)      # teacher's token after slot j
                 a = _leading(z[:, 1:] == t[:, :-1])             # accepted proposals, [0, k-1]

@@ -42,6 +42,7 @@ from kforcing.core.model import Transformer
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.autok import choose_k, machine_info
+from kforcing.decoding.common import GenerationResult
 from kforcing.decoding.generate import generate
 from kforcing.decoding.machine import Watch
 from kforcing.errors import KForcingError
@@ -53,10 +54,11 @@ from kforcing.evaluation.bench_rounds import interleaved_rows
 from kforcing.evaluation.roofline import dtype_of
 from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json
 from kforcing.io.hf import to_hf_model
+from kforcing.students.feedback import FeedbackStudent
 
 METHODS = ("ar", "kforcing", "kforcing-auto", "lossless", "hf-generate", "hf-assisted")
 # measured only when asked for (--methods, or bench --compile): the first run compiles
-OPTIONAL = ("ar-compiled",)
+OPTIONAL = ("ar-compiled", "kforcing-compiled")
 
 
 @dataclass
@@ -213,7 +215,8 @@ class Bench:
     command: str
     hf_teacher: object = None
     hf_draft: object = None
-    compiled: object = None                      # the teacher's compiled step (ar-compiled)
+    compiled: object = None              # the teacher's compiled graph (the *-compiled rows)
+    first_runs: dict = field(default_factory=dict)   # (method, B, k) -> seconds (_compiled)
     usage: dict = field(default_factory=dict)    # the last configuration's load and CPU time
 
     def measure(self, fn: Callable[[int], Run], B: int, warmup: int = 8) -> list[Run]:
@@ -248,11 +251,15 @@ def choose_methods(cfg: BenchConfig, student, draft: Transformer | None, teacher
     K-Forcing k values."""
     methods = set(cfg.methods)
     ks: list[int] = []
+    students = {"kforcing", "kforcing-compiled", "kforcing-auto", "lossless"}
     if student is None:
-        for m in ("kforcing", "kforcing-auto", "lossless"):
-            if m in methods:
-                skipped.append(_skip(m, "no K-Forcing student given (--student)"))
-        methods -= {"kforcing", "kforcing-auto", "lossless"}
+        for m in sorted(methods & students):
+            skipped.append(_skip(m, "no K-Forcing student given (--student)"))
+        methods -= students
+    elif "kforcing-compiled" in methods and not isinstance(student, FeedbackStudent):
+        skipped.append(_skip("kforcing-compiled", "compiled K-Forcing passes need a "
+                             "token-feedback student"))
+        methods.discard("kforcing-compiled")
     else:
         max_k = student.config.max_k
         ks = sorted(cfg.ks or [k for k in (1, 2, 4, 8) if k <= max_k])
@@ -276,7 +283,8 @@ def plan_rows(cfg: BenchConfig, methods: set[str], ks: list[int], skipped: list[
     plan: list[tuple[int, str, int | None]] = []
     for B in cfg.batch_sizes:
         plan += [(B, m, None) for m in ("ar", "ar-compiled") if m in methods]
-        plan += [(B, "kforcing", k) for k in ks] if "kforcing" in methods else []
+        plan += [(B, m, k) for m in ("kforcing", "kforcing-compiled") if m in methods
+                 for k in ks]
         plan += [(B, m, None) for m in ("kforcing-auto", "lossless") if m in methods]
         plan += [(B, "hf-generate", 0), (B, "hf-generate", 1)] if "hf-generate" in methods else []
         if "hf-assisted" in methods:
@@ -294,53 +302,65 @@ def _skip(method: str, reason: str, B: int | None = None) -> dict:
 
 # -- one row per method: (bench, batch size, k, prompts) -> BenchRow ---------------------------
 
-def _decode_ar(b: Bench, prompts: list[list[int]], compiled: bool = False
-               ) -> Callable[[int], Run]:
-    """AR decoding, eager or through the bench's compiled step (lent to the teacher for the
-    run only, so no other row decodes through it)."""
+def _decode_ar(b: Bench, prompts: list[list[int]]) -> Callable[[int], GenerationResult]:
     sampling = SamplingConfig(temperature=b.cfg.temperature)
-
-    def run(n: int):
-        b.teacher.compiled_step = b.compiled if compiled else None
-        try:
-            return generate_ar(b.teacher, prompts, n, sampling=sampling, seed=b.cfg.seed,
-                               stop_at_eos=False, compiled=compiled)
-        finally:
-            b.teacher.compiled_step = None
-    return _ours(run)
+    # the teacher's compiled graph only when _compiled lends it
+    return lambda n: generate_ar(b.teacher, prompts, n, sampling=sampling, seed=b.cfg.seed,
+                                 stop_at_eos=False)
 
 
-def _decode_kforcing(b: Bench, prompts: list[list[int]], k: int) -> Callable[[int], Run]:
-    # `generate` routes every student (PushForward layouts, the token-feedback student)
-    return _ours(lambda n: generate(b.student, prompts, n, mode="kforcing", k=k,
-                                    temperature=b.cfg.temperature, seed=b.cfg.seed,
-                                    stop_at_eos=False))
-
-
-def ar_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
-    return b.row("ar", 1, "sample", b.measure(_decode_ar(b, prompts), B), B)
-
-
-def ar_compiled_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
-    """AR through Transformer.compile_decode. `first_run_seconds`: a 2-token run before the
-    warm-up, which compiles when this batch size is a new shape for the graph."""
+def _compiled(b: Bench, run: Callable[[int], GenerationResult], key: tuple
+              ) -> Callable[[int], Run]:
+    """run(n) with the teacher's compiled graph (Transformer.compile_decode, compiled on first
+    use) lent to it for that run only, so no other row decodes through it. The first run of
+    each configuration `key` (full length: the timed runs' shapes) compiles what is new and is
+    recorded in b.first_runs."""
     if b.compiled is None:
         b.compiled = b.teacher.compile_decode().compiled_step
         b.teacher.compiled_step = None
-    fn = _decode_ar(b, prompts, compiled=True)
-    first = fn(2).seconds
-    return b.row("ar-compiled", 1, "sample", b.measure(fn, B), B,
-                 {"first_run_seconds": round(first, 2)})
+
+    def lent(n: int):
+        b.teacher.compiled_step = b.compiled
+        try:
+            return run(n)
+        finally:
+            b.teacher.compiled_step = None
+    fn = _ours(lent)
+    if key not in b.first_runs:
+        b.first_runs[key] = round(fn(b.cfg.tokens_at(key[1])).seconds, 2)
+    return fn
+
+
+def _decode_kforcing(b: Bench, prompts: list[list[int]], k: int
+                     ) -> Callable[[int], GenerationResult]:
+    # `generate` routes every student (PushForward layouts, the token-feedback student)
+    return lambda n: generate(b.student, prompts, n, mode="kforcing", k=k,
+                              temperature=b.cfg.temperature, seed=b.cfg.seed, stop_at_eos=False)
+
+
+def ar_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
+    return b.row("ar", 1, "sample", b.measure(_ours(_decode_ar(b, prompts)), B), B)
 
 
 def kforcing_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
     return b.row("kforcing", k, "sample",
-                 b.measure(_decode_kforcing(b, prompts, k), B, warmup=2 * k), B)
+                 b.measure(_ours(_decode_kforcing(b, prompts, k)), B, warmup=2 * k), B)
+
+
+def _compiled_row(method: str, decode: Callable) -> Callable[..., BenchRow]:
+    """The row of `method` (ar-compiled, kforcing-compiled) decoding through the teacher's
+    compiled graph; `first_run_seconds` includes compiling what was new."""
+    def row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
+        fn = _compiled(b, decode(b, prompts, k), (method, B, k))
+        return b.row(method, k or 1, "sample", b.measure(fn, B, warmup=2 * (k or 4)), B,
+                     {"first_run_seconds": b.first_runs[method, B, k]})
+    return row
 
 
 def kforcing_auto_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
     choice = choose_k(b.student, B, cache=b.cfg.cache)
-    fn = _decode_ar(b, prompts) if choice.k == 1 else _decode_kforcing(b, prompts, choice.k)
+    fn = _ours(_decode_ar(b, prompts) if choice.k == 1
+               else _decode_kforcing(b, prompts, choice.k))
     return b.row("kforcing-auto", choice.k, "sample", b.measure(fn, B, warmup=2 * choice.k), B,
                  {"calibration_tokens_per_s": {str(kk): round(v, 1)
                                                for kk, v in choice.tokens_per_s.items()},
@@ -375,9 +395,10 @@ def hf_assisted_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -
 
 
 ROWS: dict[str, Callable[[Bench, int, int | None, list[list[int]]], BenchRow]] = {
-    "ar": ar_row, "ar-compiled": ar_compiled_row, "kforcing": kforcing_row,
-    "kforcing-auto": kforcing_auto_row, "lossless": lossless_row,
-    "hf-generate": hf_generate_row, "hf-assisted": hf_assisted_row}
+    "ar": ar_row, "kforcing": kforcing_row, "kforcing-auto": kforcing_auto_row,
+    "lossless": lossless_row, "hf-generate": hf_generate_row, "hf-assisted": hf_assisted_row,
+    "ar-compiled": _compiled_row("ar-compiled", lambda b, prompts, k: _decode_ar(b, prompts)),
+    "kforcing-compiled": _compiled_row("kforcing-compiled", _decode_kforcing)}
 
 
 def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None = None,

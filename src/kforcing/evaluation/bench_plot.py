@@ -13,8 +13,8 @@ def series_label(r) -> str:
     # a non-default dtype is part of the series (fp32 and bf16 rows of one run plot apart)
     dtype = (d.get("machine") or {}).get("dtype", "fp32")
     tail = "" if dtype == "fp32" else f" {dtype}"
-    if m == "kforcing":
-        return f"kforcing k={d['k']}{tail}"
+    if m in ("kforcing", "kforcing-compiled"):
+        return f"{m} k={d['k']}{tail}"
     if m in ("hf-generate", "hf-assisted"):
         return f"{m} ({d['sampling']}){tail}"
     return m + tail

@@ -23,16 +23,18 @@ def decode_context(cfg) -> int:
 
 def add_roofline(rows: list, model, ks: list[int], cfg, cal: Calibration | None = None) -> dict:
     """Calibrate this machine in the benchmarked dtype (cfg.dtype), streaming as many bytes as
-    the model's weights (a model that fits in the cache is judged against the cache); each
-    ar / kforcing row's extra gets its bound and the measured fraction of it. Returns the
-    summary for the meta."""
+    the model's weights (a model that fits in the cache is judged against the cache); each ar /
+    ar-compiled / kforcing row's extra gets its bound and the measured fraction of it. Returns
+    the summary for the meta."""
     costs = pass_costs(model, ks, decode_context(cfg))
     weight_bytes = costs[0].weight_params() * dtype_of(cfg.dtype).itemsize
     cal = cal or calibrate(cfg.dtype, working_set=weight_bytes)
-    by_label = {"ar": costs[0], **{f"kforcing k={c.tokens_per_row}": c for c in costs[1:]}}
+    by_label = {"ar": costs[0], "ar-compiled": costs[0],
+                **{f"{m} k={c.tokens_per_row}": c for c in costs[1:]
+                   for m in ("kforcing", "kforcing-compiled")}}
     for r in rows:
         label = series_label({**asdict(r), "machine": {}})
-        cost = by_label.get(label) if r.method in ("ar", "kforcing") else None
+        cost = by_label.get(label)
         if cost is not None:
             bound = cost.bound_tokens_per_s(r.batch_size, cal)
             r.extra.update(roofline_bound_tokens_per_s=round(bound, 1),
