@@ -32,6 +32,7 @@ from _serve_util import (  # noqa: E402
 )
 
 from kforcing.cli import serve as cli_serve  # noqa: E402
+from kforcing.core.model import Transformer  # noqa: E402
 from kforcing.decoding import autok  # noqa: E402
 from kforcing.errors import KForcingError  # noqa: E402
 from kforcing.io.checkpoint import load_model  # noqa: E402
@@ -41,6 +42,7 @@ from kforcing.serving.config import ROW_KEYS, BenchServeConfig  # noqa: E402
 from kforcing.serving.engine import Engine  # noqa: E402
 from kforcing.serving.scheduler import Job, Plan, Scheduler, WaveKey  # noqa: E402
 from kforcing.serving.schemas import MODES  # noqa: E402
+from kforcing.serving.server import compile_warm  # noqa: E402
 from kforcing.serving.text import TextStream  # noqa: E402
 from kforcing.students.feedback import FeedbackConfig, FeedbackStudent, save_feedback  # noqa: E402
 from kforcing.students.pushforward import PushForward, StudentConfig  # noqa: E402
@@ -468,6 +470,29 @@ def test_every_student_design_serves_every_mode(model_dirs, tmp_path):
         assert out["lossless"].choices[0].text == out["ar"].choices[0].text, name
         stats = out["kforcing"].model_extra["kforcing"]
         assert (stats["k"], stats["forward_passes"]) == (3, 3), name
+
+
+def test_compile_warm_compiles_ar_steps_and_feedback_windows(model_dirs, tmp_path,
+                                                             monkeypatch):
+    """serve --compile: before serving, the AR model's graph has run AR steps and a feedback
+    student's K-Forcing windows at one row and at a full wave (stub graph: the uncompiled
+    static pass, so no C++ compiler is needed)."""
+    shapes = []
+
+    def fake(self, **options):
+        def graph(idx, *a):
+            shapes.append(tuple(idx.shape))
+            return self.decode_static(idx, *a)
+        self.compiled_step = graph
+        return self
+    monkeypatch.setattr(Transformer, "compile_decode", fake)
+    teacher = load_model(model_dirs[0])
+    save_feedback(FeedbackStudent(teacher, FeedbackConfig(max_k=3)).eval(),
+                  tmp_path / "feedback", model_dirs[0])
+    s = served(tmp_path / "feedback")
+    compile_warm(s, 4)
+    assert s.ar_model.compiled_step is not None
+    assert set(shapes) == {(1, 1), (4, 1), (1, 3), (4, 3)}
 
 
 def test_k_auto_is_chosen_per_batch_size(student, monkeypatch):

@@ -214,7 +214,10 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
     noise = noise_for(noise, seed, B, device)
     eos = (tc.eos_id if eos_id is None else eos_id) if stop_at_eos else None
     ids, valid, pos = left_pad(prompts, device)
-    cap = ids.shape[1] + k * (max_new_tokens + 1) + (tree.levels + tree.size if tree else 0)
+    # K-Forcing mode commits k slots a window, at most ceil(max_new_tokens / k) windows; a
+    # lossless window can keep a single token of its k slots
+    windows = -(-max_new_tokens // k) if mode == "kforcing" else max_new_tokens
+    cap = ids.shape[1] + k * (windows + 1) + (tree.levels + tree.size if tree else 0)
     t_cache = KVCache.for_model(teacher, B, max_len=cap)
     d_cache = student.new_cache(B, max_len=cap + (tree.size if tree else k))
     sync = sync_fn(device)

@@ -18,9 +18,10 @@ from pathlib import Path
 import uvicorn
 
 from kforcing.decoding.ar import generate_ar
+from kforcing.decoding.generate import generate
 from kforcing.serving.app import ServerSettings, create_app
 from kforcing.serving.config import ServeConfig
-from kforcing.serving.engine import Engine, load_served
+from kforcing.serving.engine import Engine, ServedModel, load_served
 from kforcing.serving.scheduler import Scheduler
 
 log = logging.getLogger("kforcing.serve")
@@ -47,7 +48,7 @@ def build(cfg: ServeConfig) -> tuple[_Server, Engine, Scheduler]:
     """The server, ready to run (model loaded, `--k auto` calibrated for every batch size)."""
     served = load_served(Path(cfg.model), device=cfg.device, name=cfg.name)
     if cfg.compile and served.ar_model is not None:
-        compile_ar(served.ar_model, cfg.max_batch)
+        compile_warm(served, cfg.max_batch)
     engine = Engine(served, mode=cfg.mode, k=cfg.k, autok_cache=cfg.autok_cache)
     engine.warm_up(cfg.max_batch)
     scheduler = Scheduler(engine, cfg.max_batch, cfg.batch_wait_ms / 1000)
@@ -59,14 +60,19 @@ def build(cfg: ServeConfig) -> tuple[_Server, Engine, Scheduler]:
     return _Server(config, scheduler, cfg.grace_s), engine, scheduler
 
 
-def compile_ar(model, max_batch: int) -> None:
-    """--compile: compile the AR step before serving, for one row and for a batch (the second
-    shape makes the graph's batch and cache sizes dynamic, so later waves do not compile)."""
+def compile_warm(served: ServedModel, max_batch: int) -> None:
+    """--compile: compile the AR model's decode graph before serving, for one row and for a
+    full wave (the second shape makes the graph's batch and cache sizes dynamic, so later waves
+    do not compile), and a feedback student's K-Forcing windows likewise."""
     t0 = time.perf_counter()
-    model.compile_decode()
+    served.ar_model.compile_decode()
+    feedback = served.kind == "feedback"
     for b in sorted({1, max_batch}):
-        generate_ar(model, [[0]] * b, 2, stop_at_eos=False)
-    log.warning("compiled the AR decode step in %.0f s", time.perf_counter() - t0)
+        generate_ar(served.ar_model, [[0]] * b, 2, stop_at_eos=False)
+        if feedback:
+            k = served.model.config.max_k
+            generate(served.model, [[0]] * b, 2 * k, mode="kforcing", k=k, stop_at_eos=False)
+    log.warning("compiled the decode graph in %.0f s", time.perf_counter() - t0)
 
 
 def serve(cfg: ServeConfig, sock: socket.socket | None = None) -> None:
