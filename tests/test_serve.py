@@ -475,8 +475,8 @@ def test_every_student_design_serves_every_mode(model_dirs, tmp_path):
 def test_compile_warm_compiles_ar_steps_and_feedback_windows(model_dirs, tmp_path,
                                                              monkeypatch):
     """serve --compile: before serving, the AR model's graph has run AR steps and a feedback
-    student's K-Forcing windows at one row and at a full wave (stub graph: the uncompiled
-    static pass, so no C++ compiler is needed)."""
+    student's K-Forcing windows at one row and at a full wave, and the draft's steps are
+    compiled (stubs: the uncompiled static pass, no draft graph; no C++ compiler needed)."""
     shapes = []
 
     def fake(self, **options):
@@ -486,12 +486,14 @@ def test_compile_warm_compiles_ar_steps_and_feedback_windows(model_dirs, tmp_pat
         self.compiled_step = graph
         return self
     monkeypatch.setattr(Transformer, "compile_decode", fake)
+    drafts = []
+    monkeypatch.setattr(FeedbackStudent, "compile_draft", lambda self: drafts.append(self))
     teacher = load_model(model_dirs[0])
     save_feedback(FeedbackStudent(teacher, FeedbackConfig(max_k=3)).eval(),
                   tmp_path / "feedback", model_dirs[0])
     s = served(tmp_path / "feedback")
     compile_warm(s, 4)
-    assert s.ar_model.compiled_step is not None
+    assert s.ar_model.compiled_step is not None and drafts == [s.model]
     assert set(shapes) == {(1, 1), (4, 1), (1, 3), (4, 3)}
 
 

@@ -21,6 +21,7 @@ from kforcing.core.sampling import CDF_ORDERS, SamplingConfig
 from kforcing.decoding.generate import generate
 from kforcing.errors import KForcingError
 from kforcing.evaluation.roofline import DTYPES, dtype_of
+from kforcing.students.feedback import FeedbackStudent
 from kforcing.students.pushforward import PushForward
 from kforcing.students.store import teacher_of
 
@@ -42,6 +43,8 @@ def cmd_generate(args) -> None:
             raise KForcingError("--compile compiles the AR decode step: this student decodes "
                                 "no AR here (use it with a teacher, mode ar or --k auto)")
         ar_model.compile_decode()
+        if isinstance(model, FeedbackStudent):
+            model.compile_draft()
     sampling = SamplingConfig(cdf_order=args.cdf_order) if args.cdf_order else None
     res = generate(model, ids, args.max_new_tokens, mode="lossless" if args.lossless else None,
                    k=args.k, sampling=sampling, temperature=args.temperature, top_k=args.top_k,
@@ -92,9 +95,10 @@ def add_parser(sub) -> None:
                     help="weights and activations while decoding (bench --dtype measures which "
                     "is faster at each batch size)")
     sp.add_argument("--compile", action="store_true",
-                    help="decode AR steps (a teacher, or a student's teacher in mode ar and "
-                    "when --k auto picks AR) through one torch.compile graph: the first step "
-                    "compiles (tens of seconds); docs/RESULTS.md measures when it pays")
+                    help="AR steps and a token-feedback student's K-Forcing teacher passes "
+                    "through one torch.compile graph, its draft steps through another: the "
+                    "first pass compiles (tens of seconds); docs/RESULTS.md measures when it "
+                    "pays")
     device_flag(sp)
     sp.add_argument("--json", action="store_true", help="one JSON line per completion")
     sp.set_defaults(run=cmd_generate)

@@ -46,6 +46,7 @@ from kforcing.decoding.common import GenerationResult
 from kforcing.decoding.generate import generate
 from kforcing.decoding.machine import Watch
 from kforcing.errors import KForcingError
+from kforcing.evaluation.bench_compiled import lend_compiled
 from kforcing.evaluation.bench_inputs import make_prompts
 from kforcing.evaluation.bench_machine import busy_warning, usable_cores
 from kforcing.evaluation.bench_plot import plot, series_label
@@ -215,7 +216,7 @@ class Bench:
     command: str
     hf_teacher: object = None
     hf_draft: object = None
-    compiled: object = None              # the teacher's compiled graph (the *-compiled rows)
+    compiled: tuple | None = None        # the compiled graphs of the *-compiled rows
     first_runs: dict = field(default_factory=dict)   # (method, B, k) -> seconds (_compiled)
     usage: dict = field(default_factory=dict)    # the last configuration's load and CPU time
 
@@ -311,21 +312,10 @@ def _decode_ar(b: Bench, prompts: list[list[int]]) -> Callable[[int], Generation
 
 def _compiled(b: Bench, run: Callable[[int], GenerationResult], key: tuple
               ) -> Callable[[int], Run]:
-    """run(n) with the teacher's compiled graph (Transformer.compile_decode, compiled on first
-    use) lent to it for that run only, so no other row decodes through it. The first run of
-    each configuration `key` (full length: the timed runs' shapes) compiles what is new and is
-    recorded in b.first_runs."""
-    if b.compiled is None:
-        b.compiled = b.teacher.compile_decode().compiled_step
-        b.teacher.compiled_step = None
-
-    def lent(n: int):
-        b.teacher.compiled_step = b.compiled
-        try:
-            return run(n)
-        finally:
-            b.teacher.compiled_step = None
-    fn = _ours(lent)
+    """run(n) through the compiled graphs, lent for that run only (bench_compiled). The first
+    run of each configuration `key` (full length: the timed runs' shapes) compiles what is new
+    and is recorded in b.first_runs."""
+    fn = _ours(lend_compiled(b, run))
     if key not in b.first_runs:
         b.first_runs[key] = round(fn(b.cfg.tokens_at(key[1])).seconds, 2)
     return fn

@@ -63,10 +63,13 @@ def build(cfg: ServeConfig) -> tuple[_Server, Engine, Scheduler]:
 def compile_warm(served: ServedModel, max_batch: int) -> None:
     """--compile: compile the AR model's decode graph before serving, for one row and for a
     full wave (the second shape makes the graph's batch and cache sizes dynamic, so later waves
-    do not compile), and a feedback student's K-Forcing windows likewise."""
+    do not compile), and a feedback student's K-Forcing windows (teacher passes and compiled
+    draft steps) likewise."""
     t0 = time.perf_counter()
     served.ar_model.compile_decode()
     feedback = served.kind == "feedback"
+    if feedback:
+        served.model.compile_draft()
     for b in sorted({1, max_batch}):
         generate_ar(served.ar_model, [[0]] * b, 2, stop_at_eos=False)
         if feedback:

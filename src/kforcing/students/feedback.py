@@ -132,7 +132,7 @@ class FeedbackStudent(nn.Module):
             self.register_buffer("draft_ids", draft_ids.clone())
         else:
             self.draft_ids = None
-        self._compiled = None     # compile_draft()
+        self.compiled_draft = None     # compile_draft()
 
     def _init_weights(self) -> None:
         # as the teacher's own init (Transformer._init_weights), except fc: its feature half
@@ -349,7 +349,7 @@ class FeedbackStudent(nn.Module):
         valid = cache.valid[:, None, None] if cache.has_padding else None   # (B, 1, 1, max_len)
         cos, sin = self.teacher.rope(pos)                                      # (B, 1, n, D)
         head = self.head_weight()
-        if self._compiled is not None:
+        if self.compiled_draft is not None:
             return self._compiled_stepper(window, cos, sin, head)
 
         def step(h, y, i):
@@ -376,7 +376,7 @@ class FeedbackStudent(nn.Module):
             L = cache.length
             if i == 1:   # a fresh buffer: the window's feature is a view at a varying offset
                 h = h.clone()
-            h, q, y, ks, vs = self._compiled(
+            h, q, y, ks, vs = self.compiled_draft(
                 h, y, cos[:, :, i - 1:i], sin[:, :, i - 1:i], cache.valid[:, None, None, :L + 1],
                 [k[:, :, :L] for k in cache.k], [v[:, :, :L] for v in cache.v], head,
                 window.noise[:, i], window.sampling)
@@ -411,7 +411,7 @@ class FeedbackStudent(nn.Module):
         lossless output stays exact (the teacher verifies), K-Forcing output may change. It pays
         most where the full-vocabulary draw dominates (a draft vocabulary, batch > 1): the
         graph fuses the scatter, softmax, noise and argmax. Returns self."""
-        self._compiled = torch.compile(self._step_and_draw, dynamic=True, **options)
+        self.compiled_draft = torch.compile(self._step_and_draw, dynamic=True, **options)
         return self
 
 
