@@ -45,6 +45,8 @@ def cmd_generate(args) -> None:
         ar_model.compile_decode()
         if isinstance(model, FeedbackStudent):
             model.compile_draft()
+        print("--compile: the first passes compile (tens of seconds); the timing below "
+              "includes it", file=sys.stderr)
     sampling = SamplingConfig(cdf_order=args.cdf_order) if args.cdf_order else None
     res = generate(model, ids, args.max_new_tokens, mode="lossless" if args.lossless else None,
                    k=args.k, sampling=sampling, temperature=args.temperature, top_k=args.top_k,
