@@ -9,6 +9,8 @@ latency of one forward pass, by batch size, for
                   greedy and sampling;
 - `hf-assisted`   transformers assisted generation with a small draft model trained on the
                   same corpus (transformers supports it at batch size 1 only).
+- `ar-compiled`, `kforcing-compiled` (only when asked for): AR and K-Forcing mode through the
+                  compiled graphs of Transformer.compile_decode / FeedbackStudent.compile_draft.
 
 Every configuration: one short warm-up run (excluded), then up to `repeats` timed runs (fewer
 when `max_seconds` is used up; the count is recorded), median reported, EOS ignored so every
