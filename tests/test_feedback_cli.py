@@ -8,6 +8,7 @@ import json
 import torch
 
 from kforcing.cli.main import main
+from kforcing.core.model import Transformer
 from kforcing.decoding.generate import generate
 from kforcing.io.checkpoint import load_model
 from kforcing.students.feedback import FeedbackConfig, FeedbackStudent, save_feedback
@@ -65,3 +66,30 @@ def test_cli_generate_verifies_a_draft_tree(saved_tiny_model, tmp_path, capsys):
     assert main(["generate", "--model", str(d), "--prompt", "x", "--lossless",
                  "--tree", "3,2"]) != 0
     assert "needs k - 1 = 3 widths" in capsys.readouterr().err
+
+
+def test_cli_compile_flag_compiles_the_decoders(saved_tiny_model, tmp_path, capsys,
+                                                monkeypatch):
+    """generate --compile and chat --compile compile the teacher's decode graph and the draft's
+    steps (stubs: the uncompiled static pass, so no C++ compiler is needed) and decode through
+    them: the same tokens as without the flag."""
+    d, _ = _saved(saved_tiny_model, tmp_path)
+    compiled = []
+
+    def fake_decode(self, **options):
+        compiled.append("teacher")
+        self.compiled_step = self.decode_static
+        return self
+    monkeypatch.setattr(Transformer, "compile_decode", fake_decode)
+    monkeypatch.setattr(FeedbackStudent, "compile_draft",
+                        lambda self: compiled.append("draft") or self)
+    tokens = []
+    for flags in ([], ["--compile"]):
+        assert main(["generate", "--model", str(d), "--prompt", "the river", "--json", "--k",
+                     "4", "--max-new-tokens", "8", "--seed", "2", *flags]) == 0
+        tokens.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"])
+    assert tokens[0] == tokens[1] and compiled == ["teacher", "draft"]
+    assert main(["chat", "--model", str(d), "--mode", "kforcing", "--k", "4", "--prompt", "hi",
+                 "--max-new-tokens", "4", "--compile"]) == 0
+    assert compiled == ["teacher", "draft"] * 2
+    assert "first passes compile" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kforcing.cli.common import (
+    compile_decoders,
     count,
     device_flag,
     load_with_tokenizer,
@@ -68,6 +69,8 @@ def cmd_chat(args) -> None:
     # a shared-layout student's teacher is loaded once, for modes that decode with it
     teacher = (teacher_of(model, args.model)
                if isinstance(model, PushForward) and args.mode != "kforcing" else None)
+    if args.compile:
+        compile_decoders(model, teacher)
     tok_cfg = chat_setup(args.model)
     eos = chat_eos(tok, tok_cfg, (getattr(model, "model_config", None) or model.config).eos_id)
     history: list[dict[str, str]] = []
@@ -118,5 +121,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--top-k", type=natural, help="keep the k most likely tokens (default: off)")
     sp.add_argument("--top-p", type=positive, help="nucleus sampling (default: off)")
     sp.add_argument("--seed", type=natural, default=0)
+    sp.add_argument("--compile", action="store_true",
+                    help="decode through compiled graphs (as generate --compile): the first "
+                    "answer pays the compile, later ones run faster")
     device_flag(sp)
     sp.set_defaults(run=cmd_chat)

@@ -6,6 +6,7 @@ import json
 import sys
 
 from kforcing.cli.common import (
+    compile_decoders,
     default_of,
     device_flag,
     finite,
@@ -16,12 +17,9 @@ from kforcing.cli.common import (
     path,
     positive,
 )
-from kforcing.core.model import Transformer
 from kforcing.core.sampling import CDF_ORDERS, SamplingConfig
 from kforcing.decoding.generate import generate
-from kforcing.errors import KForcingError
 from kforcing.evaluation.roofline import DTYPES, dtype_of
-from kforcing.students.feedback import FeedbackStudent
 from kforcing.students.pushforward import PushForward
 from kforcing.students.store import teacher_of
 
@@ -38,15 +36,7 @@ def cmd_generate(args) -> None:
                if student and (args.lossless or args.k == "auto") else None)
     teacher = None if teacher is None else teacher.to(model_dtype(model))
     if args.compile:
-        ar_model = model if isinstance(model, Transformer) else (teacher or model.teacher)
-        if ar_model is None:
-            raise KForcingError("--compile compiles the AR decode step: this student decodes "
-                                "no AR here (use it with a teacher, mode ar or --k auto)")
-        ar_model.compile_decode()
-        if isinstance(model, FeedbackStudent):
-            model.compile_draft()
-        print("--compile: the first passes compile (tens of seconds); the timing below "
-              "includes it", file=sys.stderr)
+        compile_decoders(model, teacher)
     sampling = SamplingConfig(cdf_order=args.cdf_order) if args.cdf_order else None
     res = generate(model, ids, args.max_new_tokens, mode="lossless" if args.lossless else None,
                    k=args.k, sampling=sampling, temperature=args.temperature, top_k=args.top_k,
