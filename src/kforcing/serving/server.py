@@ -47,7 +47,10 @@ class _Server(uvicorn.Server):
 def build(cfg: ServeConfig) -> tuple[_Server, Engine, Scheduler]:
     """The server, ready to run (model loaded, `--k auto` calibrated for every batch size)."""
     served = load_served(Path(cfg.model), device=cfg.device, name=cfg.name)
-    if cfg.compile and served.ar_model is not None:
+    if cfg.compile and served.ar_model is None:
+        log.warning("--compile: no AR model is served (a shared-layout student without its "
+                    "teacher), so nothing is compiled")
+    elif cfg.compile:
         compile_warm(served, cfg.max_batch)
     engine = Engine(served, mode=cfg.mode, k=cfg.k, autok_cache=cfg.autok_cache)
     engine.warm_up(cfg.max_batch)
