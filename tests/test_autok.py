@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 from conftest import fake_watch
+from test_feedback import tiny_student as feedback_student
 
 from kforcing.decoding import autok
 from kforcing.decoding.autok import choose_k, measure_tokens_per_s
@@ -88,3 +89,15 @@ def test_a_calibration_timed_on_a_busy_machine_is_not_reused(student, tmp_path, 
     monkeypatch.setattr(autok, "_CHECKED", set())                  # a new process
     again = choose_k(student, 1, cache=tmp_path, timer=timer)
     assert (again.k, again.cached, len(calls)) == (2, False, 2)
+
+
+def test_compiled_decoders_are_calibrated_apart(make_model):
+    """The calibration cache keys a student whose teacher decodes through a compiled graph
+    (Transformer.compile_decode) apart from the same student decoding eagerly."""
+    teacher = make_model()
+    s = feedback_student(teacher)
+    eager = autok.cache_key(s)
+    teacher.compiled_step = teacher.decode_static
+    assert autok.cache_key(s) == eager + "-compiled"
+    teacher.compiled_step = None
+    assert autok.cache_key(s) == eager

@@ -195,10 +195,14 @@ def model_fingerprint(student) -> dict:
 
 
 def cache_key(student) -> str:
+    """Machine, weights, dtype, device, calibration version, and whether the decoders run
+    compiled (Transformer.compile_decode): a compiled AR step changes which k wins."""
     p = next(student.parameters())
     mach = {k: v for k, v in machine_info().items() if k != "python"}
+    compiled = getattr(getattr(student, "teacher", None), "compiled_step", None) is not None
     return "-".join([_short_hash(mach), _short_hash(model_fingerprint(student)),
-                     str(p.dtype).removeprefix("torch."), p.device.type, f"c{CALIBRATION}"])
+                     str(p.dtype).removeprefix("torch."), p.device.type, f"c{CALIBRATION}"]
+                    + (["compiled"] if compiled else []))
 
 
 # -- the cached decision ------------------------------------------------------------------------
