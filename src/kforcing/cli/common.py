@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from kforcing.core.config import load_json
-from kforcing.core.model import Transformer
+from kforcing.decoding.generate import compile_decoders as compile_model_decoders
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import load_model, tokenizer_path
 from kforcing.io.tokenizers import load_tokenizer
-from kforcing.students.feedback import FeedbackStudent
 from kforcing.students.store import is_student_dir, load_student, resolve_student_dir
 
 # -- argument types: a bad number is an argparse usage error (exit 2) naming the flag ------------
@@ -189,15 +188,8 @@ def parse_tokens_at(text: str | None, flag: str) -> dict[int, int]:
 
 
 def compile_decoders(model, teacher=None) -> None:
-    """--compile on generate and chat: the AR model's decode graph (the model itself, a
-    student's teacher) and a token-feedback student's draft steps; says that the first passes
-    compile."""
-    ar_model = model if isinstance(model, Transformer) else (teacher or model.teacher)
-    if ar_model is None:
-        raise KForcingError("--compile compiles the AR decode step: this student decodes no AR "
-                            "here (use it with a teacher, mode ar or --k auto)")
-    ar_model.compile_decode()
-    if isinstance(model, FeedbackStudent):
-        model.compile_draft()
+    """--compile on generate and chat: decoding.generate.compile_decoders, saying that the
+    first passes compile."""
+    compile_model_decoders(model, teacher)
     print("--compile: the first passes compile (tens of seconds); the first timing includes "
           "it", file=sys.stderr)

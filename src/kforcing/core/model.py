@@ -374,10 +374,7 @@ class Transformer(nn.Module):
         dynamic shapes. Fused kernels round differently from eager ones, so a sampled token can
         differ in a near-tie from eager decoding. Call it after the final .to(): the graph holds
         the weights as they are then. Returns self."""
-        options.setdefault("options", {"freezing": True} if self._device().type == "cpu"
-                           else {})
+        options.setdefault("options", {"freezing": True}
+                           if self.output.weight.device.type == "cpu" else {})
         self.compiled_step = torch.compile(self.decode_static, fullgraph=True, **options)
         return self
-
-    def _device(self) -> torch.device:
-        return self.output.weight.device

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from kforcing.core.model import Transformer
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
 from kforcing.core.tree import parse_widths
@@ -103,6 +104,20 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, mode: str 
         res = generate_kforcing(model, prompts, max_new_tokens, k=k, sampling=sampling,
                                 frequency_penalty=frequency_penalty, **common)
     return _record(res, choice, mode)
+
+
+def compile_decoders(model, teacher=None):
+    """Compile what `generate` decodes through (docs/METHOD.md section 5): the AR model's
+    decode graph (a plain model, or a student's teacher: the one it holds, else `teacher`) and
+    a token-feedback student's draft steps. Returns the AR model."""
+    ar_model = model if isinstance(model, Transformer) else _teacher_of(model, teacher)
+    if ar_model is None:
+        raise KForcingError("--compile compiles the AR decode step: this student decodes no AR "
+                            "here (use it with a teacher, mode ar or --k auto)")
+    ar_model.compile_decode()
+    if isinstance(model, FeedbackStudent):
+        model.compile_draft()
+    return ar_model
 
 
 def _tree_widths(tree, model, mode: str, k) -> tuple[int, ...] | None:

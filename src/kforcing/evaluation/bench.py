@@ -219,7 +219,7 @@ class Bench:
     hf_teacher: object = None
     hf_draft: object = None
     compiled: tuple | None = None        # the compiled graphs of the *-compiled rows
-    first_runs: dict = field(default_factory=dict)   # (method, B, k) -> seconds (_compiled)
+    first_runs: dict = field(default_factory=dict)   # (method, B, k) -> seconds
     usage: dict = field(default_factory=dict)    # the last configuration's load and CPU time
 
     def measure(self, fn: Callable[[int], Run], B: int, warmup: int = 8) -> list[Run]:
@@ -307,20 +307,9 @@ def _skip(method: str, reason: str, B: int | None = None) -> dict:
 
 def _decode_ar(b: Bench, prompts: list[list[int]]) -> Callable[[int], GenerationResult]:
     sampling = SamplingConfig(temperature=b.cfg.temperature)
-    # the teacher's compiled graph only when _compiled lends it
+    # the teacher's compiled graph only when bench_compiled lends it
     return lambda n: generate_ar(b.teacher, prompts, n, sampling=sampling, seed=b.cfg.seed,
                                  stop_at_eos=False)
-
-
-def _compiled(b: Bench, run: Callable[[int], GenerationResult], key: tuple
-              ) -> Callable[[int], Run]:
-    """run(n) through the compiled graphs, lent for that run only (bench_compiled). The first
-    run of each configuration `key` (full length: the timed runs' shapes) compiles what is new
-    and is recorded in b.first_runs."""
-    fn = _ours(lend_compiled(b, run))
-    if key not in b.first_runs:
-        b.first_runs[key] = round(fn(b.cfg.tokens_at(key[1])).seconds, 2)
-    return fn
 
 
 def _decode_kforcing(b: Bench, prompts: list[list[int]], k: int
@@ -340,10 +329,13 @@ def kforcing_row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> B
 
 
 def _compiled_row(method: str, decode: Callable) -> Callable[..., BenchRow]:
-    """The row of `method` (ar-compiled, kforcing-compiled) decoding through the teacher's
-    compiled graph; `first_run_seconds` includes compiling what was new."""
+    """The row of `method` (ar-compiled, kforcing-compiled) decoding through the compiled graphs
+    (lent for its runs only, bench_compiled). Its first run of each configuration compiles what
+    is new and is recorded as `first_run_seconds`."""
     def row(b: Bench, B: int, k: int | None, prompts: list[list[int]]) -> BenchRow:
-        fn = _compiled(b, decode(b, prompts, k), (method, B, k))
+        fn = _ours(lend_compiled(b, decode(b, prompts, k)))
+        if (method, B, k) not in b.first_runs:   # full length: the timed runs' shapes
+            b.first_runs[method, B, k] = round(fn(b.cfg.tokens_at(B)).seconds, 2)
         return b.row(method, k or 1, "sample", b.measure(fn, B, warmup=2 * (k or 4)), B,
                      {"first_run_seconds": b.first_runs[method, B, k]})
     return row

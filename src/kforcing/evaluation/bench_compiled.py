@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kforcing.decoding.common import GenerationResult
+from kforcing.decoding.generate import compile_decoders
 from kforcing.students.feedback import FeedbackStudent
 
 
@@ -17,8 +18,8 @@ def lend_compiled(bench, run: Callable[[int], GenerationResult]
     feedback student, to bench.student for the call only."""
     draft = bench.student if isinstance(bench.student, FeedbackStudent) else None
     if bench.compiled is None:
-        bench.compiled = (bench.teacher.compile_decode().compiled_step,
-                          draft.compile_draft().compiled_draft if draft else None)
+        compile_decoders(draft or bench.teacher, bench.teacher)
+        bench.compiled = (bench.teacher.compiled_step, draft.compiled_draft if draft else None)
         _lend(bench.teacher, draft, (None, None))
 
     def lent(n: int) -> GenerationResult:

@@ -18,7 +18,7 @@ from pathlib import Path
 import uvicorn
 
 from kforcing.decoding.ar import generate_ar
-from kforcing.decoding.generate import generate
+from kforcing.decoding.generate import compile_decoders, generate
 from kforcing.serving.app import ServerSettings, create_app
 from kforcing.serving.config import ServeConfig
 from kforcing.serving.engine import Engine, ServedModel, load_served
@@ -69,10 +69,8 @@ def compile_warm(served: ServedModel, max_batch: int) -> None:
     do not compile), and a feedback student's K-Forcing windows (teacher passes and compiled
     draft steps) likewise."""
     t0 = time.perf_counter()
-    served.ar_model.compile_decode()
+    compile_decoders(served.model, served.ar_model)
     feedback = served.kind == "feedback"
-    if feedback:
-        served.model.compile_draft()
     for b in sorted({1, max_batch}):
         generate_ar(served.ar_model, [[0]] * b, 2, stop_at_eos=False)
         if feedback:
