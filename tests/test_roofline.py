@@ -15,12 +15,13 @@ from kforcing.cli.main import main
 from kforcing.decoding import machine
 from kforcing.decoding.machine import Usage
 from kforcing.errors import KForcingError
-from kforcing.evaluation.bench import BenchConfig, read_rows, run_bench, write_results
+from kforcing.evaluation.bench import BenchConfig, Run, _row, read_rows, run_bench, write_results
 from kforcing.evaluation.bench_machine import busy_warning, parse_cores, pin_cores
 from kforcing.evaluation.roofline import (
     Calibration,
     calibrate,
     compute_bound_batch,
+    decode_rate,
     linear_params,
     pass_costs,
     roofline_section,
@@ -145,6 +146,9 @@ def test_bench_rows_carry_load_cpu_and_their_bound(make_model, tmp_path):
                 "busy_reasons", "dtype", "cores_pinned"} <= set(m)
         assert m["cpu_seconds"] > 0 and m["wall_seconds"] > 0 and m["dtype"] == "fp32"
         assert r.extra["fraction_of_bound"] > 0 and r.extra["roofline_bound_tokens_per_s"] > 0
+        # the share divides the decode phase's rate (the bound has no prefill in it)
+        rate, bound = r.extra["decode_tokens_per_s"], r.extra["roofline_bound_tokens_per_s"]
+        assert r.extra["fraction_of_bound"] == pytest.approx(rate / bound, rel=0.01)
     roof = res.config["roofline"]["fp32"]
     assert set(roof["methods"]) == {"ar", "kforcing k=2 (teacher-preserving)"}
     meta = json.loads(write_results(res, tmp_path / "out")["meta"].read_text())
@@ -219,3 +223,17 @@ def test_generate_cli_decodes_in_bf16(capsys, saved_tiny_model):
     assert len(run("--dtype", "bf16")) == 4 and len(run("--dtype", "fp32")) == 4
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(saved_tiny_model), "--dtype", "fp16"])
+
+
+def test_decode_rate_leaves_out_the_prompt_and_each_rows_first_token():
+    run = Run(tokens=3 * 8, passes=8, seconds=2.0, rows=3, decode_seconds=1.5)
+    assert run.decode_rate == (24 - 3) / 1.5
+    assert Run(8, 8, 2.0).decode_rate is None                      # hf rows: no phase split
+    assert Run(3, 1, 1.0, rows=3, decode_seconds=0.5).decode_rate is None    # one token a row
+    cfg = BenchConfig(batch_sizes=(3,), new_tokens=8)
+    row = _row("ar", 1, "sample", [run, Run(24, 8, 3.0, rows=3, decode_seconds=2.1),
+                                   Run(24, 8, 1.0, rows=3, decode_seconds=0.7)], 3, cfg, {}, "t")
+    assert row.extra["decode_tokens_per_s"] == round(21 / 1.5, 2)          # the median run
+    assert row.tokens_per_s == 24 / 2.0
+    assert decode_rate(row.extra, row.tokens_per_s) == row.extra["decode_tokens_per_s"]
+    assert decode_rate({}, 12.0) == 12.0

@@ -103,6 +103,7 @@ def cmd_bench(args) -> None:
                           else round(r.step_latency_ms, 2), "repeats": r.repeats,
                           "load_avg_1m": r.machine.get("load_avg_1m"),
                           "busy": r.machine.get("busy"),
+                          "decode_tokens_per_s": r.extra.get("decode_tokens_per_s"),
                           "fraction_of_bound": r.extra.get("fraction_of_bound")}))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     if len(results) > 1:

@@ -125,6 +125,16 @@ class Run:
     passes: int | None
     seconds: float
     extra: dict = field(default_factory=dict)
+    rows: int | None = None                 # batch rows (ours: to split off the first tokens)
+    decode_seconds: float | None = None     # after the prompt is read (ours only)
+
+    @property
+    def decode_rate(self) -> float | None:
+        """Tokens/s after the prompt: every token but each row's first, over the time after
+        the prefill (the inter-token rate; None where the phases are not observable)."""
+        if not self.decode_seconds or self.rows is None or self.tokens <= self.rows:
+            return None
+        return (self.tokens - self.rows) / self.decode_seconds
 
 
 @dataclass
@@ -177,7 +187,8 @@ def _timed(call: Callable[[], object]) -> tuple[object, float]:
 def _ours(fn) -> Callable[[int], Run]:
     def run(n: int) -> Run:
         res, secs = _timed(lambda: fn(n))
-        return Run(res.num_tokens, res.forward_passes, secs, dict(res.extra))
+        return Run(res.num_tokens, res.forward_passes, secs, dict(res.extra),
+                   len(res.tokens), res.decode_seconds)
     return run
 
 
@@ -200,9 +211,15 @@ def _row(method: str, k: int | None, sampling: str, runs: list[Run], B: int, cfg
     rates = [r.tokens / r.seconds for r in runs]
     lat = [r.seconds / r.passes * 1e3 for r in runs if r.passes]
     passes = runs[-1].passes
+    extra = dict(extra or {})
+    decode = [r.decode_rate for r in runs]
+    if all(d is not None for d in decode):
+        # the roofline bounds decode passes: its measured share uses this, not tokens_per_s,
+        # whose time includes reading the prompt
+        extra["decode_tokens_per_s"] = round(statistics.median(decode), 2)
     return BenchRow(method, k, B, cfg.prompt_len, new_tokens, sampling,
                     statistics.median(rates), statistics.median(lat) if lat else None, passes,
-                    len(runs), [round(x, 2) for x in rates], machine, command, extra or {})
+                    len(runs), [round(x, 2) for x in rates], machine, command, extra)
 
 
 # -- the benchmark ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from kforcing.evaluation.roofline import (
     Calibration,
     calibrate,
     compute_bound_batch,
+    decode_rate,
     dtype_of,
     pass_costs,
     roofline_section,
@@ -24,8 +25,8 @@ def decode_context(cfg) -> int:
 def add_roofline(rows: list, model, ks: list[int], cfg, cal: Calibration | None = None) -> dict:
     """Calibrate this machine in the benchmarked dtype (cfg.dtype), streaming as many bytes as
     the model's weights (a model that fits in the cache is judged against the cache); each ar /
-    ar-compiled / kforcing row's extra gets its bound and the measured fraction of it. Returns
-    the summary for the meta."""
+    ar-compiled / kforcing row's extra gets its bound and the fraction of it that its decode
+    phase reached (decode_rate). Returns the summary for the meta."""
     costs = pass_costs(model, ks, decode_context(cfg))
     weight_bytes = costs[0].weight_params() * dtype_of(cfg.dtype).itemsize
     cal = cal or calibrate(cfg.dtype, working_set=weight_bytes)
@@ -38,7 +39,8 @@ def add_roofline(rows: list, model, ks: list[int], cfg, cal: Calibration | None 
         if cost is not None:
             bound = cost.bound_tokens_per_s(r.batch_size, cal)
             r.extra.update(roofline_bound_tokens_per_s=round(bound, 1),
-                           fraction_of_bound=round(r.tokens_per_s / bound, 3))
+                           fraction_of_bound=round(decode_rate(r.extra, r.tokens_per_s) / bound,
+                                                   3))
     return {"calibration": asdict(cal), "context": decode_context(cfg),
             "methods": {c.method: {"weight_params": c.weight_params(),
                                    "compute_bound_from_batch": compute_bound_batch(c, cal)}

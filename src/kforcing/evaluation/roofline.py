@@ -243,7 +243,8 @@ def roofline_section(model, ks: list[int], calibrations: list[Calibration],
                          f"{_fmt(compute_bound_batch(cost, cal))} | {' | '.join(cells)} |")
         lines.append("")
     lines += ["Each cell: the bound on generated tokens/s (its speedup over AR's bound), and "
-              "where a benchmark row exists the measured tokens/s as a share of the bound. "
+              "where a benchmark row exists its measured decode-phase tokens/s (after the "
+              "prompt is read) as a share of the bound. "
               "Compute-bound from B: the first power-of-two batch at which the arithmetic "
               "outlasts reading the weights and the KV cache ('-': not up to 65536, reading "
               "the KV cache outgrows the arithmetic). The GPU rows are an estimate from the "
@@ -256,7 +257,14 @@ def _measured(rows: list[dict], cost: PassCost, batch: int, dtype: str) -> float
         if r["batch_size"] != batch or r.get("machine", {}).get("dtype", "fp32") != dtype:
             continue
         if cost.method == "ar" and r["method"] == "ar":
-            return r["tokens_per_s"]
+            return decode_rate(r.get("extra", {}), r["tokens_per_s"])
         if r["method"] == "kforcing" and cost.method.startswith(f"kforcing k={r['k']} "):
-            return r["tokens_per_s"]
+            return decode_rate(r.get("extra", {}), r["tokens_per_s"])
     return None
+
+
+def decode_rate(extra: dict, tokens_per_s: float) -> float:
+    """What a bench row's share of the bound divides: its decode-phase tokens/s (every token
+    after each row's first, over the time after the prompt was read; the bound covers decode
+    passes, not the prefill), or its whole-call tokens/s where a row has no phase split."""
+    return extra.get("decode_tokens_per_s", tokens_per_s)
