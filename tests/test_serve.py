@@ -34,6 +34,8 @@ from _serve_util import (  # noqa: E402
 from kforcing.cli import serve as cli_serve  # noqa: E402
 from kforcing.core.model import Transformer  # noqa: E402
 from kforcing.decoding import autok  # noqa: E402
+from kforcing.decoding import generate as generate_module  # noqa: E402
+from kforcing.decoding.feedback_window import WindowGraph  # noqa: E402
 from kforcing.errors import KForcingError  # noqa: E402
 from kforcing.io.checkpoint import load_model  # noqa: E402
 from kforcing.serving import bench  # noqa: E402
@@ -475,9 +477,20 @@ def test_every_student_design_serves_every_mode(model_dirs, tmp_path):
 def test_compile_warm_compiles_ar_steps_and_feedback_windows(model_dirs, tmp_path,
                                                              monkeypatch):
     """serve --compile: before serving, the AR model's graph has run AR steps and a feedback
-    student's K-Forcing windows at one row and at a full wave, and the draft's steps are
-    compiled (stubs: the uncompiled static pass, no draft graph; no C++ compiler needed)."""
-    shapes = []
+    student's K-Forcing window graph whole windows, each at one row and at a full wave, and the
+    draft's steps are compiled (stubs: the uncompiled static graphs, no draft graph; no C++
+    compiler needed)."""
+    shapes, windows = [], []
+
+    def fake_window(student):
+        graph = WindowGraph(student)
+
+        def run(first, h, p, noise, *a):
+            windows.append(tuple(noise.shape[:2]))
+            return graph(first, h, p, noise, *a)
+        object.__setattr__(student, "compiled_window", run)
+        return student
+    monkeypatch.setattr(generate_module, "compile_window", fake_window)
 
     def fake(self, **options):
         def graph(idx, *a):
@@ -494,7 +507,7 @@ def test_compile_warm_compiles_ar_steps_and_feedback_windows(model_dirs, tmp_pat
     s = served(tmp_path / "feedback")
     compile_warm(s, 4)
     assert s.ar_model.compiled_step is not None and drafts == [s.model]
-    assert set(shapes) == {(1, 1), (4, 1), (1, 3), (4, 3)}
+    assert set(shapes) == {(1, 1), (4, 1)} and set(windows) == {(1, 3), (4, 3)}
 
 
 def test_k_auto_is_chosen_per_batch_size(student, monkeypatch):

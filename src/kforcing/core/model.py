@@ -22,6 +22,8 @@ from kforcing.errors import KForcingError
 
 # compiled passes attend over the filled cache slots rounded up to a multiple of this
 SPAN_STEP = 32
+# a compiled decode's caches are allocated in multiples of this many slots (fewer graph shapes)
+CACHE_ROUND = 64
 
 
 class RMSNorm(nn.Module):
@@ -212,6 +214,28 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def static_stack(layers: nn.ModuleList, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 slots: torch.Tensor, valid: torch.Tensor, ks: list[torch.Tensor],
+                 vs: list[torch.Tensor], span: int) -> torch.Tensor:
+    """x (B, T, D) through `layers` (Block.step_static) over whole cache buffers ks, vs, as
+    Transformer.decode_static runs its own: the T tokens' K/V go to `slots`, and token i
+    attends over the first `span` slots, those <= slots[i] that `valid` (B, M) keeps."""
+    seen = torch.arange(span, device=x.device)[None] <= slots[:, None]        # (T, span)
+    mask = (seen[None] & valid[:, None, :span])[:, None]                    # (B, 1, T, span)
+    for layer, k_buf, v_buf in zip(layers, ks, vs, strict=True):
+        x = layer.step_static(x, *rope, mask, k_buf, v_buf, slots, span)
+    return x
+
+
+def static_slots(cache: KVCache, T: int) -> tuple[torch.Tensor, int]:
+    """The slots (T,) a static pass of T tokens writes next in `cache`, and the span it attends
+    over: the filled slots rounded up to SPAN_STEP (over the whole buffer, a batch-64 step spent
+    1.7x as long in attention as the eager one), so the span changes in coarse steps."""
+    cache.check_room(T)
+    slots = torch.arange(cache.length, cache.length + T, device=cache.device)
+    return slots, min(cache.max_len, -(-(cache.length + T) // SPAN_STEP) * SPAN_STEP)
+
+
 def causal_mask(T: int, past: int = 0, valid: torch.Tensor | None = None,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Boolean mask (B or 1, 1, T, past + T): query i (slot past + i) sees slots <= past + i.
@@ -340,14 +364,15 @@ class Transformer(nn.Module):
         keeps (KVCache.valid). Only span varies with the cache's length, in coarse steps
         (compiled_pass), so one graph with a dynamic span serves every step. compiled_pass calls
         it on a KVCache."""
-        x = self.tok_embeddings(idx)
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
-        seen = torch.arange(span, device=idx.device)[None] <= slots[:, None]      # (T, span)
-        mask = (seen[None] & valid[:, None, :span])[:, None]                  # (B, 1, T, span)
-        for layer, k_buf, v_buf in zip(self.layers, ks, vs, strict=True):
-            x = layer.step_static(x, cos, sin, mask, k_buf, v_buf, slots, span)
+        x = static_stack(self.layers, self.tok_embeddings(idx), self.static_rope(pos), slots,
+                         valid, ks, vs, span)
         x = self.norm(x)
         return x if hidden else self.output(x)
+
+    def static_rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rope() without its range check (a host sync): for the compiled graphs, whose
+        callers check positions up front."""
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
 
     def compiled_pass(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, *,
                       hidden: bool = False) -> torch.Tensor:
@@ -355,11 +380,7 @@ class Transformer(nn.Module):
         graph (compile_decode first): all T tokens are committed. Positions must lie inside
         the context (the decoders check prompts and lengths up front)."""
         T = idx.shape[1]
-        cache.check_room(T)
-        slots = torch.arange(cache.length, cache.length + T, device=idx.device)
-        # attend over the filled slots rounded up to SPAN_STEP: over the whole buffer, a
-        # batch-64 step spent 1.7x as long in attention as the eager one
-        span = min(cache.max_len, -(-(cache.length + T) // SPAN_STEP) * SPAN_STEP)
+        slots, span = static_slots(cache, T)
         out = self.compiled_step(idx, pos, slots, cache.valid, cache.k, cache.v, span, hidden)
         cache.commit(T)
         return out

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from kforcing.core.kv_cache import KVCache
-from kforcing.core.model import Transformer
+from kforcing.core.model import CACHE_ROUND, Transformer
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig, sample
 from kforcing.decoding.common import (
@@ -104,10 +104,6 @@ def generate_ar(model: Transformer, prompts: list[list[int]], max_new_tokens: in
     t2 = time.perf_counter()
     rows, finished = cut_at_eos(out[:, :steps].tolist(), eos if stop_at_eos else None)
     return GenerationResult(streamer.cut(rows), finished, passes, t1 - t0, t2 - t1)
-
-
-# a compiled decode's cache is allocated in multiples of this many slots
-CACHE_ROUND = 64
 
 
 def _step_fn(model: Transformer, compiled: bool | None

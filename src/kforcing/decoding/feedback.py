@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from kforcing.core.kv_cache import KVCache
+from kforcing.core.model import CACHE_ROUND
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig, probs_from_logits, sample, token_noise
 from kforcing.core.tree import DraftTree
@@ -53,6 +54,7 @@ from kforcing.decoding.common import (
     noise_for,
     sync_fn,
 )
+from kforcing.decoding.feedback_window import window_pass
 from kforcing.errors import KForcingError
 from kforcing.students.feedback import FeedbackStudent, check_k
 
@@ -218,6 +220,12 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
     # lossless window can keep a single token of its k slots
     windows = -(-max_new_tokens // k) if mode == "kforcing" else max_new_tokens
     cap = ids.shape[1] + k * (windows + 1) + (tree.levels + tree.size if tree else 0)
+    # K-Forcing mode's chain windows run as one compiled graph when the student has one
+    # (feedback_window.compile_window); its caches come in fewer sizes
+    whole = (mode == "kforcing" and tree is None and refeed
+             and student.compiled_window is not None)
+    if whole:
+        cap = -(-cap // CACHE_ROUND) * CACHE_ROUND
     t_cache = KVCache.for_model(teacher, B, max_len=cap)
     d_cache = student.new_cache(B, max_len=cap + (tree.size if tree else k))
     sync = sync_fn(device)
@@ -245,7 +253,12 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         G = _noise(noise, n[:, None] + 1 + ar_k, sampling, tc.vocab_size)   # (B, k[, V])
         win = Window(k, first, h, p, d_cache, t_cache, G, sampling)
         spec = d_cache.length
-        if tree is not None:
+        if whole:
+            t_cache.mark_padding(active[:, None].expand(B, k))
+            z, t_last, h = window_pass(student, first, h, p, G, sampling, t_cache, d_cache)
+            t = torch.cat([z[:, 1:], t_last[:, None]], 1)
+            a = torch.full_like(n, k - 1)
+        elif tree is not None:
             z, t, a, F, zpos, path = _verify_tree(student, tree, win, per_query)
         else:
             z = torch.cat([first[:, None], student.propose(win)], 1)          # (B, k)
@@ -283,8 +296,11 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         stop = streamer.push(z, torch.where(active, a + 1, 0))
         if stop is not None:
             done |= stop
-        # the draft re-reads what was committed, with the teacher's features
-        if refeed:
+        # the draft re-reads what was committed, with the teacher's features (the compiled
+        # window did so itself)
+        if whole:
+            pass
+        elif refeed:
             d_cache.truncate(spec)
             if same is not None:     # only the kept slots (finished rows' are never read again)
                 h = student.draft(F[:, :same + 1], t[:, :same + 1], zpos[:, :same + 1],

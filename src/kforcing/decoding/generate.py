@@ -23,6 +23,7 @@ from kforcing.decoding.ar import generate_ar
 from kforcing.decoding.autok import AutoChoice, choose_k
 from kforcing.decoding.common import GenerationResult, OnTokens
 from kforcing.decoding.feedback import generate_feedback
+from kforcing.decoding.feedback_window import compile_window
 from kforcing.decoding.kforcing import generate_kforcing, warn_outside_trained_tau
 from kforcing.decoding.lossless import generate_lossless
 from kforcing.errors import KForcingError
@@ -109,7 +110,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, mode: str 
 def compile_decoders(model, teacher=None):
     """Compile what `generate` decodes through (docs/METHOD.md section 5): the AR model's
     decode graph (a plain model, or a student's teacher: the one it holds, else `teacher`) and
-    a token-feedback student's draft steps. Returns the AR model."""
+    a token-feedback student's draft steps (lossless windows) and whole K-Forcing windows
+    (decoding.feedback_window). Returns the AR model."""
     ar_model = model if isinstance(model, Transformer) else _teacher_of(model, teacher)
     if ar_model is None:
         raise KForcingError("--compile compiles the AR decode step: this student decodes no AR "
@@ -117,6 +119,7 @@ def compile_decoders(model, teacher=None):
     ar_model.compile_decode()
     if isinstance(model, FeedbackStudent):
         model.compile_draft()
+        compile_window(model)
     return ar_model
 
 

@@ -1,7 +1,8 @@
 """The benchmark's compiled rows (ar-compiled, kforcing-compiled): the teacher's compiled decode
-graph (Transformer.compile_decode) and a feedback student's compiled draft steps
-(FeedbackStudent.compile_draft), compiled once per benchmark and lent to the models for one
-run at a time, so the eager rows measured in the same run never decode through them."""
+graph (Transformer.compile_decode) and a feedback student's compiled draft steps and K-Forcing
+windows (decoding.generate.compile_decoders), compiled once per benchmark and lent to the
+models for one run at a time, so the eager rows measured in the same run never decode through
+them."""
 
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ def lend_compiled(bench, run: Callable[[int], GenerationResult]
     draft = bench.student if isinstance(bench.student, FeedbackStudent) else None
     if bench.compiled is None:
         compile_decoders(draft or bench.teacher, bench.teacher)
-        bench.compiled = (bench.teacher.compiled_step, draft.compiled_draft if draft else None)
-        _lend(bench.teacher, draft, (None, None))
+        bench.compiled = (bench.teacher.compiled_step,
+                          *((draft.compiled_draft, draft.compiled_window) if draft else ()))
+        _lend(bench.teacher, draft, (None, None, None))
 
     def lent(n: int) -> GenerationResult:
         _lend(bench.teacher, draft, bench.compiled)
         try:
             return run(n)
         finally:
-            _lend(bench.teacher, draft, (None, None))
+            _lend(bench.teacher, draft, (None, None, None))
     return lent
 
 
@@ -35,3 +37,4 @@ def _lend(teacher, draft: FeedbackStudent | None, graphs: tuple) -> None:
     teacher.compiled_step = graphs[0]
     if draft is not None:
         draft.compiled_draft = graphs[1]
+        object.__setattr__(draft, "compiled_window", graphs[2])   # not a submodule

@@ -133,6 +133,7 @@ class FeedbackStudent(nn.Module):
         else:
             self.draft_ids = None
         self.compiled_draft = None     # compile_draft()
+        self.compiled_window = None    # decoding.feedback_window.compile_window()
 
     def _init_weights(self) -> None:
         # as the teacher's own init (Transformer._init_weights), except fc: its feature half
