@@ -1,5 +1,5 @@
 """Where a whole `generate` call's time goes: torch.profiler over one call (after two warm-up
-calls, which also compile with --compile), at batch 1 on one thread, split into the matrix
+calls, which also compile with --compile), at a batch size (default 1) on one thread, split into the matrix
 products (aten::mm, aten::addmm) and everything else, with the heaviest operators. Prints one
 JSON line.
 
@@ -15,9 +15,8 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kforcing.decoding.generate import generate
+from kforcing.decoding.generate import compile_decoders, generate
 from kforcing.evaluation.bench_inputs import load_models, make_prompts
-from kforcing.students.feedback import FeedbackStudent
 
 MATMULS = ("aten::mm", "aten::addmm")
 
@@ -29,6 +28,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--data", help="prepared corpus for the prompt (default: random tokens)")
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--compile", action="store_true")
     a = p.parse_args()
@@ -36,10 +36,8 @@ def main() -> None:
     teacher, student, _ = load_models(None, a.model, None)
     model = student if student is not None else teacher
     if a.compile:
-        teacher.compile_decode()
-        if isinstance(student, FeedbackStudent):
-            student.compile_draft()
-    prompts = make_prompts(1, a.prompt_len, teacher.config.vocab_size, a.data)
+        compile_decoders(model, teacher)
+    prompts = make_prompts(a.batch_size, a.prompt_len, teacher.config.vocab_size, a.data)
     kw = {"mode": a.mode, "seed": 0, "stop_at_eos": False}
     if a.mode != "ar":
         kw["k"] = a.k
@@ -52,6 +50,7 @@ def main() -> None:
     mm = sum(e.self_cpu_time_total for e in ops if e.key in MATMULS) / 1e3
     print(json.dumps({
         "model": a.model, "mode": a.mode, "k": a.k, "compile": a.compile,
+        "batch_size": a.batch_size,
         "new_tokens": res.num_tokens, "forward_passes": res.forward_passes,
         "profiled_ms": round(total, 1), "matmul_ms": round(mm, 1),
         "matmul_share": round(mm / total, 3),

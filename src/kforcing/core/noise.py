@@ -112,19 +112,42 @@ class NoiseStream:
         lo = (self._token_hash(index, _STREAM_U_LO) >> 5).long() & ((1 << 27) - 1)   # 27 bits
         return (hi * (1 << 27) + lo).double() / float(1 << 53)
 
+    def gumbel_hashes(self, index: torch.Tensor) -> torch.Tensor:
+        """index (B, W) -> (B, W) int32: the words that gumbel_from_hashes expands into tokens
+        index[b, w]'s Gumbel vectors (a compiled graph draws the vectors itself from these)."""
+        return self._token_hash(index, _STREAM_GUMBEL)
+
+    def vocab_words(self, vocab_size: int) -> torch.Tensor:
+        """(V,) int32: each vocabulary id's spread word, the other input of
+        gumbel_from_hashes."""
+        if vocab_size not in self._vocab:
+            v = torch.arange(vocab_size, device=self.device, dtype=torch.long)
+            self._vocab[vocab_size] = _words(v) * _i32(_GOLDEN)
+        return self._vocab[vocab_size]
+
     def gumbel(self, index: torch.Tensor, vocab_size: int, out: torch.Tensor | None = None
                ) -> torch.Tensor:
         """index (B, W) -> (B, W, V) float32 standard Gumbel noise, written into `out` when given
         (a decoder that draws a vector per step reuses one buffer: fresh (B, V) tensors cost
         page faults on a busy machine)."""
-        h = self._token_hash(index, _STREAM_GUMBEL)                              # (B, W)
-        if vocab_size not in self._vocab:
-            v = torch.arange(vocab_size, device=self.device, dtype=torch.long)
-            self._vocab[vocab_size] = _words(v) * _i32(_GOLDEN)                  # (V,)
+        h = self.gumbel_hashes(index)                                            # (B, W)
         g = torch.empty((*h.shape, vocab_size), device=self.device) if out is None else out
         # g's memory is the hash's scratch, then holds the noise
-        bits = _mix_(h[..., None] ^ self._vocab[vocab_size], tmp=g.view(torch.int32))
+        bits = _mix_(h[..., None] ^ self.vocab_words(vocab_size), tmp=g.view(torch.int32))
         bits >>= 8
         bits &= 0xFFFFFF                                                         # 24 bits
         g.copy_(bits).add_(0.5).mul_(1.0 / (1 << 24))                            # (0, 1)
         return g.log_().neg_().log_().neg_()                                     # -log(-log u)
+
+
+def gumbel_from_hashes(hashes: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """hashes (...) int32 (NoiseStream.gumbel_hashes), words (V,) int32 (vocab_words) -> (..., V)
+    float32: NoiseStream.gumbel's vectors, written out of place so that a compiled graph fuses
+    them into one loop (the stream's own method works in place, the faster eager form)."""
+    x = hashes[..., None] ^ words
+    for shift, mul in ((16, _C1), (13, _C2), (16, None)):
+        x = x ^ ((x >> shift) & ((1 << (32 - shift)) - 1))          # a logical shift
+        if mul is not None:
+            x = x * mul
+    u = ((x >> 8) & 0xFFFFFF).float().add(0.5).mul(1.0 / (1 << 24))             # (0, 1)
+    return u.log().neg().log().neg()

@@ -185,6 +185,28 @@ def _verify_tree(student: FeedbackStudent, tree: DraftTree, win: Window, per_que
             path)
 
 
+def _chain_window(student: FeedbackStudent, win: Window, mode: str, active: torch.Tensor,
+                  compiled: bool, per_query: bool) -> tuple[torch.Tensor, ...]:
+    """One eager chain window: the draft proposes y_2..y_k, one teacher pass reads y_1..y_k
+    (through the teacher's compiled graph when `compiled`). Returns z (B, k), the teacher's
+    token after each slot t (B, k) (K-Forcing mode: the proposals, then its own after y_k),
+    accepted proposals a (B,), the teacher's features F (B, k, D) and the positions (B, k)."""
+    teacher, cache, k = student.teacher, win.teacher_cache, win.k
+    z = torch.cat([win.first[:, None], student.propose(win)], 1)                  # (B, k)
+    zpos = win.pos[:, None] + torch.arange(k, device=z.device)
+    cache.mark_padding(active[:, None].expand(-1, k))
+    if compiled:
+        F = teacher.compiled_pass(z, zpos, cache, hidden=True)
+    else:
+        F = teacher(z, input_pos=zpos, cache=cache, return_hidden=True, per_query=per_query)
+    if mode == "lossless":
+        t = sample(teacher.output(F), win.noise, win.sampling)   # teacher's token after slot j
+        return z, t, _leading(z[:, 1:] == t[:, :-1]), F, zpos  # accepted proposals, [0, k-1]
+    last = sample(teacher.output(F[:, -1]), win.noise[:, -1], win.sampling)
+    t = torch.cat([z[:, 1:], last[:, None]], 1)
+    return z, t, torch.full_like(win.pos, k - 1), F, zpos
+
+
 @torch.inference_mode()
 def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_new_tokens: int,
                       *, k: int | None = None, mode: str = "kforcing",
@@ -250,33 +272,22 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
     rows = torch.arange(B, device=device)
     windows = gained = row_passes = 0
     while max_new_tokens and bool((active := ~done & (n < max_new_tokens)).any()):
-        G = _noise(noise, n[:, None] + 1 + ar_k, sampling, tc.vocab_size)   # (B, k[, V])
-        win = Window(k, first, h, p, d_cache, t_cache, G, sampling)
+        index = n[:, None] + 1 + ar_k                                  # the tokens' noise
         spec = d_cache.length
         if whole:
             t_cache.mark_padding(active[:, None].expand(B, k))
-            z, t_last, h = window_pass(student, first, h, p, G, sampling, t_cache, d_cache)
+            z, t_last, h = window_pass(student, first, h, p, noise, index, sampling, t_cache,
+                                       d_cache)
             t = torch.cat([z[:, 1:], t_last[:, None]], 1)
             a = torch.full_like(n, k - 1)
-        elif tree is not None:
-            z, t, a, F, zpos, path = _verify_tree(student, tree, win, per_query)
         else:
-            z = torch.cat([first[:, None], student.propose(win)], 1)          # (B, k)
-            zpos = p[:, None] + ar_k
-            start = t_cache.length
-            t_cache.mark_padding(active[:, None].expand(B, k))
-            if compiled:
-                F = teacher.compiled_pass(z, zpos, t_cache, hidden=True)
+            win = Window(k, first, h, p, d_cache, t_cache,
+                         _noise(noise, index, sampling, tc.vocab_size), sampling)
+            if tree is not None:
+                z, t, a, F, zpos, path = _verify_tree(student, tree, win, per_query)
             else:
-                F = teacher(z, input_pos=zpos, cache=t_cache, return_hidden=True,
-                            per_query=per_query)                              # (B, k, D)
-            if mode == "lossless":
-                t = sample(teacher.output(F), G, sampling)      # teacher's token after slot j
-                a = _leading(z[:, 1:] == t[:, :-1])             # accepted proposals, [0, k-1]
-            else:
-                t_last = sample(teacher.output(F[:, -1]), G[:, -1], sampling)
-                t = torch.cat([z[:, 1:], t_last[:, None]], 1)
-                a = torch.full_like(n, k - 1)
+                start = t_cache.length
+                z, t, a, F, zpos = _chain_window(student, win, mode, active, compiled, per_query)
         windows += 1
         # where every active row accepted as many (always at batch 1), rejected slots are rolled
         # back in both caches instead of masked: no padding masks, and AR's cache layout
@@ -296,11 +307,9 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         stop = streamer.push(z, torch.where(active, a + 1, 0))
         if stop is not None:
             done |= stop
-        # the draft re-reads what was committed, with the teacher's features (the compiled
-        # window did so itself)
-        if whole:
-            pass
-        elif refeed:
+        # the draft re-reads what was committed, with the teacher's features (a compiled
+        # window has done so itself)
+        if refeed and not whole:
             d_cache.truncate(spec)
             if same is not None:     # only the kept slots (finished rows' are never read again)
                 h = student.draft(F[:, :same + 1], t[:, :same + 1], zpos[:, :same + 1],
@@ -308,7 +317,7 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
             else:
                 d_cache.mark_padding(keep)
                 h = student.draft(F, t, zpos, cache=d_cache)[rows, a]
-        else:
+        elif not refeed:
             # keep the speculative entries (step j + 3 read slot j's token) that were accepted
             d_cache.valid[:, spec:d_cache.length] &= ar_k[None, :d_cache.length - spec] < a[:, None]
             d_cache.has_padding = True
