@@ -12,6 +12,7 @@ import torch
 from kforcing.cli.main import main
 from kforcing.core.model import Transformer
 from kforcing.decoding import autok
+from kforcing.decoding import generate as generate_module
 from kforcing.decoding.autok import (
     bucket,
     candidate_ks,
@@ -19,6 +20,7 @@ from kforcing.decoding.autok import (
     measure_tokens_per_s,
     pick_k,
 )
+from kforcing.decoding.feedback_window import WindowGraph
 from kforcing.decoding.generate import generate
 from kforcing.errors import KForcingError
 from kforcing.evaluation import bench as bench_mod
@@ -33,6 +35,7 @@ from kforcing.evaluation.bench import (
 from kforcing.evaluation.bench_rounds import merge_rows
 from kforcing.io.checkpoint import load_model
 from kforcing.recipes.reproduce import STEPS, ReproduceConfig, run_reproduce
+from kforcing.students.feedback import FeedbackConfig, FeedbackStudent
 from kforcing.students.pushforward import PushForward, StudentConfig
 from kforcing.students.store import save_student
 
@@ -332,3 +335,33 @@ def test_ar_compiled_rows_decode_through_the_compiled_step_only(make_model, monk
                       methods=("kforcing-compiled",), roofline=False)
     res = run_bench(teacher, tiny_student(teacher), cfg=cfg, command="test", progress=False)
     assert res.rows == [] and "token-feedback" in res.skipped[0]["reason"]
+
+
+def test_kforcing_compiled_rows_decode_whole_windows_through_the_window_graph(make_model,
+                                                                               monkeypatch):
+    """--compile with a token-feedback student: kforcing-compiled runs (and only theirs) go
+    through the compiled K-Forcing window (here the uncompiled WindowGraph), the student keeps
+    no window graph afterwards."""
+    teacher = make_model()
+    student = FeedbackStudent(teacher, FeedbackConfig(max_k=2)).eval()
+    monkeypatch.setattr(Transformer, "compile_decode",
+                        lambda self, **o: setattr(self, "compiled_step", self.decode_static))
+    monkeypatch.setattr(FeedbackStudent, "compile_draft", lambda self, **o: self)
+    windows: list[int] = []
+
+    def fake_window(model):
+        graph = WindowGraph(model)
+
+        def run(first, h, p, noise, *a):
+            windows.append(noise.shape[1])
+            return graph(first, h, p, noise, *a)
+        object.__setattr__(model, "compiled_window", run)
+        return model
+    monkeypatch.setattr(generate_module, "compile_window", fake_window)
+    cfg = BenchConfig(batch_sizes=(1,), prompt_len=4, new_tokens=6, repeats=2, ks=(2,),
+                      methods=("kforcing", "kforcing-compiled"), roofline=False)
+    res = run_bench(teacher, student, cfg=cfg, command="test", progress=False)
+    assert [r.method for r in res.rows] == ["kforcing", "kforcing-compiled"]
+    # 3 two-token windows per 6-token run: the first run, the 4-token warm-up (2), 2 timed runs
+    assert windows == [2] * (3 + 2 + 2 * 3)
+    assert student.compiled_window is None

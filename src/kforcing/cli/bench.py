@@ -131,9 +131,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: "
                     f"all of them), or {','.join(OPTIONAL)}")
     sp.add_argument("--compile", action="store_true",
-                    help="add the ar-compiled and kforcing-compiled rows: AR steps and K-Forcing "
-                    "teacher passes through one torch.compile graph (Transformer."
-                    "compile_decode; rows record their first run, which compiles)")
+                    help="add the ar-compiled and kforcing-compiled rows: AR steps and "
+                    "K-Forcing windows through torch.compile graphs (decoding.generate."
+                    "compile_decoders; rows record their first run, which compiles)")
     sp.add_argument("--batch-sizes",
                     default=",".join(map(str, default_of(BenchConfig, "batch_sizes"))))
     sp.add_argument("--prompt-len", type=count, default=default_of(BenchConfig, "prompt_len"))

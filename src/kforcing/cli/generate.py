@@ -87,10 +87,10 @@ def add_parser(sub) -> None:
                     help="weights and activations while decoding (bench --dtype measures which "
                     "is faster at each batch size)")
     sp.add_argument("--compile", action="store_true",
-                    help="AR steps and a token-feedback student's K-Forcing teacher passes "
-                    "through one torch.compile graph, its draft steps through another: the "
-                    "first pass compiles (tens of seconds); docs/RESULTS.md measures when it "
-                    "pays")
+                    help="AR steps through one torch.compile graph, a token-feedback "
+                    "student's K-Forcing windows through another (a whole window per call) and "
+                    "its lossless draft steps through a third: the first pass compiles (tens "
+                    "of seconds); docs/RESULTS.md measures when it pays")
     device_flag(sp)
     sp.add_argument("--json", action="store_true", help="one JSON line per completion")
     sp.set_defaults(run=cmd_generate)

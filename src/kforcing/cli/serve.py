@@ -109,8 +109,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--log-level", default=defaults.log_level,
                     choices=["critical", "error", "warning", "info", "debug"])
     sp.add_argument("--compile", action="store_true",
-                    help="AR waves through one torch.compile graph, compiled at start-up "
-                    "(tens of seconds; docs/RESULTS.md measures when it pays)")
+                    help="AR waves and a token-feedback student's K-Forcing windows through "
+                    "torch.compile graphs, compiled at start-up (tens of seconds; "
+                    "docs/RESULTS.md measures when it pays)")
     device_flag(sp)
     sp.set_defaults(run=cmd_serve)
 

@@ -66,8 +66,8 @@ def build(cfg: ServeConfig) -> tuple[_Server, Engine, Scheduler]:
 def compile_warm(served: ServedModel, max_batch: int) -> None:
     """--compile: compile the AR model's decode graph before serving, for one row and for a
     full wave (the second shape makes the graph's batch and cache sizes dynamic, so later waves
-    do not compile), and a feedback student's K-Forcing windows (teacher passes and compiled
-    draft steps) likewise."""
+    do not compile), and a feedback student's K-Forcing window graph (compile_decoders)
+    likewise."""
     t0 = time.perf_counter()
     compile_decoders(served.model, served.ar_model)
     feedback = served.kind == "feedback"
