@@ -14,6 +14,7 @@ from test_feedback import tiny_student as feedback_student
 
 from kforcing.decoding import autok
 from kforcing.decoding.autok import choose_k, measure_tokens_per_s
+from kforcing.decoding.feedback_window import WindowGraph
 from kforcing.students.pushforward import PushForward, StudentConfig
 
 
@@ -93,11 +94,14 @@ def test_a_calibration_timed_on_a_busy_machine_is_not_reused(student, tmp_path, 
 
 def test_compiled_decoders_are_calibrated_apart(make_model):
     """The calibration cache keys a student whose teacher decodes through a compiled graph
-    (Transformer.compile_decode) apart from the same student decoding eagerly."""
+    (Transformer.compile_decode), and one whose K-Forcing windows do, apart from the same
+    student decoding eagerly."""
     teacher = make_model()
     s = feedback_student(teacher)
     eager = autok.cache_key(s)
     teacher.compiled_step = teacher.decode_static
     assert autok.cache_key(s) == eager + "-compiled"
-    teacher.compiled_step = None
+    object.__setattr__(s, "compiled_window", WindowGraph(s))   # as compile_window sets it
+    assert autok.cache_key(s) == eager + "-compiled-window"
+    teacher.compiled_step = s.compiled_window = None
     assert autok.cache_key(s) == eager

@@ -195,14 +195,16 @@ def model_fingerprint(student) -> dict:
 
 
 def cache_key(student) -> str:
-    """Machine, weights, dtype, device, calibration version, and whether the decoders run
-    compiled (Transformer.compile_decode): a compiled AR step changes which k wins."""
+    """Machine, weights, dtype, device, calibration version, and which decoders run compiled:
+    the teacher's AR step (Transformer.compile_decode, '-compiled') and a feedback student's
+    K-Forcing window (feedback_window.compile_window, '-window'). Either changes which k wins."""
     p = next(student.parameters())
     mach = {k: v for k, v in machine_info().items() if k != "python"}
     compiled = getattr(getattr(student, "teacher", None), "compiled_step", None) is not None
+    window = getattr(student, "compiled_window", None) is not None
     return "-".join([_short_hash(mach), _short_hash(model_fingerprint(student)),
                      str(p.dtype).removeprefix("torch."), p.device.type, f"c{CALIBRATION}"]
-                    + (["compiled"] if compiled else []))
+                    + (["compiled"] if compiled else []) + (["window"] if window else []))
 
 
 # -- the cached decision ------------------------------------------------------------------------
