@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_feedback import tiny_student
 
-from kforcing.core.noise import NoiseStream, gumbel_from_hashes
+from kforcing.core.noise import NoiseStream, gumbel_from_hashes, token_hashes
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.feedback import generate_feedback
 from kforcing.decoding.feedback_window import WindowGraph, compile_window
@@ -76,13 +76,14 @@ def test_lossless_and_trees_keep_the_eager_loop(make_model):
 
 
 def test_gumbel_vectors_from_hashes_are_the_streams_own():
-    """The graph's out-of-place Gumbel vectors equal NoiseStream.gumbel's bit for bit eagerly;
+    """The graph's out-of-place hashes and Gumbel vectors equal NoiseStream's bit for bit eagerly;
     compiled, only the logarithm's last bit may differ (inductor's vectorized log)."""
     stream = NoiseStream([3, 99, 2 ** 40 + 7])
     index = torch.arange(12).view(3, 4)
     for V in (50, 8192):
         ref = stream.gumbel(index, V)
         hashes, words = stream.gumbel_hashes(index), stream.vocab_words(V)
+        assert torch.equal(token_hashes(stream.gumbel_state(), index), hashes)
         assert torch.equal(gumbel_from_hashes(hashes, words), ref)
     compiled = torch.compile(gumbel_from_hashes, fullgraph=True)(hashes, words)
     assert torch.allclose(compiled, ref, rtol=1e-6, atol=1e-6)

@@ -114,8 +114,13 @@ class NoiseStream:
 
     def gumbel_hashes(self, index: torch.Tensor) -> torch.Tensor:
         """index (B, W) -> (B, W) int32: the words that gumbel_from_hashes expands into tokens
-        index[b, w]'s Gumbel vectors (a compiled graph draws the vectors itself from these)."""
+        index[b, w]'s Gumbel vectors."""
         return self._token_hash(index, _STREAM_GUMBEL)
+
+    def gumbel_state(self) -> torch.Tensor:
+        """(B,) int32: each row's Gumbel hash state, the input of token_hashes (a compiled
+        graph computes a window's hashes and vectors itself from it)."""
+        return self._rows[_STREAM_GUMBEL]
 
     def vocab_words(self, vocab_size: int) -> torch.Tensor:
         """(V,) int32: each vocabulary id's spread word, the other input of
@@ -140,14 +145,25 @@ class NoiseStream:
         return g.log_().neg_().log_().neg_()                                     # -log(-log u)
 
 
-def gumbel_from_hashes(hashes: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """hashes (...) int32 (NoiseStream.gumbel_hashes), words (V,) int32 (vocab_words) -> (..., V)
-    float32: NoiseStream.gumbel's vectors, written out of place so that a compiled graph fuses
-    them into one loop (the stream's own method works in place, the faster eager form)."""
-    x = hashes[..., None] ^ words
+def _fmix(x: torch.Tensor) -> torch.Tensor:
+    """_mix_ out of place (murmur3 fmix32 on int32 words), for compiled graphs."""
     for shift, mul in ((16, _C1), (13, _C2), (16, None)):
         x = x ^ ((x >> shift) & ((1 << (32 - shift)) - 1))          # a logical shift
         if mul is not None:
             x = x * mul
+    return x
+
+
+def token_hashes(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """state (B,) int32 (NoiseStream.gumbel_state), index (B, W) token indices -> (B, W) int32:
+    NoiseStream.gumbel_hashes(index), out of place."""
+    return _fmix(state[:, None] ^ (_words(index) * _i32(_GOLDEN)))
+
+
+def gumbel_from_hashes(hashes: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """hashes (...) int32 (NoiseStream.gumbel_hashes), words (V,) int32 (vocab_words) -> (..., V)
+    float32: NoiseStream.gumbel's vectors, written out of place so that a compiled graph fuses
+    them into one loop (the stream's own method works in place, the faster eager form)."""
+    x = _fmix(hashes[..., None] ^ words)
     u = ((x >> 8) & 0xFFFFFF).float().add(0.5).mul(1.0 / (1 << 24))             # (0, 1)
     return u.log().neg().log().neg()

@@ -291,8 +291,11 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         windows += 1
         # where every active row accepted as many (always at batch 1), rejected slots are rolled
         # back in both caches instead of masked: no padding masks, and AR's cache layout
-        kept = a[active]
-        same = int(kept[0]) if bool((kept == kept[0]).all()) else None
+        if mode == "kforcing":       # every active row keeps its k tokens
+            same = k - 1
+        else:
+            kept = a[active]
+            same = int(kept[0]) if bool((kept == kept[0]).all()) else None
         if tree is not None:
             t_cache.accept_path(path, torch.where(active, a + 1, 0),
                                 None if same is None else same + 1)
@@ -302,8 +305,9 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
         out.scatter_(1, torch.where(keep, n[:, None] + ar_k, dump).clamp(max=dump), z)
         if eos is not None:
             done |= ((z == eos) & keep).any(1)
-        gained += int((a + 1)[active].sum())
-        row_passes += int(active.sum())
+        live = int(active.sum())
+        gained += k * live if mode == "kforcing" else int((a + 1)[active].sum())
+        row_passes += live
         stop = streamer.push(z, torch.where(active, a + 1, 0))
         if stop is not None:
             done |= stop

@@ -22,7 +22,7 @@ from torch import nn
 
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.model import static_slots, static_stack
-from kforcing.core.noise import NoiseStream, gumbel_from_hashes
+from kforcing.core.noise import NoiseStream, gumbel_from_hashes, token_hashes
 from kforcing.core.sampling import SamplingConfig, sample
 
 
@@ -40,19 +40,22 @@ class WindowGraph(nn.Module):
                 t_valid: torch.Tensor, t_ks: list[torch.Tensor], t_vs: list[torch.Tensor],
                 t_span: int, d_slots: torch.Tensor, d_valid: torch.Tensor,
                 d_ks: list[torch.Tensor], d_vs: list[torch.Tensor], d_span: int,
-                sampling: SamplingConfig, words: torch.Tensor | None = None
+                sampling: SamplingConfig,
+                gumbel: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """first (B,) y_1 at RoPE positions p (B,), h (B, D) the draft's feature for the step
         that reads y_1, noise (B, k[, V]) (noise[:, i] draws y_{i+2}, the last one the next
         first), head the draft's output head (FeedbackStudent.head_weight). The teacher's k
         K/V go to t_slots of t_ks / t_vs, the draft's to d_slots; spans as static_slots gives
-        them. With words (NoiseStream.vocab_words), noise holds the tokens' int32 Gumbel hashes
-        (B, k) and the graph draws the Gumbel vectors itself (core.noise.gumbel_from_hashes).
+        them. With gumbel = (the rows' NoiseStream.gumbel_state, its vocab_words), noise holds
+        the tokens' indices (B, k) and the graph draws their Gumbel vectors itself (core.noise:
+        token_hashes, gumbel_from_hashes).
         Returns z (B, k) = y_1..y_k, the next first (B,) and the next feature (B, D)."""
         s, t = self.student, self.teacher
         k = noise.shape[1]
-        if words is not None:
-            noise = gumbel_from_hashes(noise, words)                          # (B, k, V)
+        if gumbel is not None:
+            state, words = gumbel
+            noise = gumbel_from_hashes(token_hashes(state, noise), words)        # (B, k, V)
         toks = [first]
         if k > 1:
             y = sample(s._full(F.linear(h, head)), noise[:, 0], sampling)
@@ -106,18 +109,18 @@ def window_pass(student, first: torch.Tensor, h: torch.Tensor, p: torch.Tensor,
     slots (the teacher's after t_cache.mark_padding for the window). Returns z (B, k), the
     next first token (B,) and the next feature (B, D)."""
     k = index.shape[1]
-    words = None
+    gumbel = None
     if sampling.greedy:          # argmax ignores the noise
         noise = torch.zeros(index.shape, dtype=torch.float64, device=index.device)
     elif sampling.coupling == "gumbel":
-        noise, words = stream.gumbel_hashes(index), stream.vocab_words(student.vocab_size)
+        noise, gumbel = index, (stream.gumbel_state(), stream.vocab_words(student.vocab_size))
     else:
         noise = stream.uniforms(index)
     t_slots, t_span = static_slots(t_cache, k)
     d_slots, d_span = static_slots(d_cache, k)
     out = student.compiled_window(first, h, p, noise, student.head_weight(), t_slots,
                                   t_cache.valid, t_cache.k, t_cache.v, t_span, d_slots,
-                                  d_cache.valid, d_cache.k, d_cache.v, d_span, sampling, words)
+                                  d_cache.valid, d_cache.k, d_cache.v, d_span, sampling, gumbel)
     t_cache.commit(k)
     d_cache.commit(k)
     return out
