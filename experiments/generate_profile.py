@@ -1,7 +1,7 @@
 """Where a whole `generate` call's time goes: torch.profiler over one call (after two warm-up
-calls, which also compile with --compile), at a batch size (default 1) on one thread, split into the matrix
-products (aten::mm, aten::addmm) and everything else, with the heaviest operators. Prints one
-JSON line.
+calls, which also compile with --compile), at one batch size (default 1) on one thread, split
+into the matrix products (aten::mm, aten::addmm) and everything else, with the heaviest
+operators. Prints one JSON line.
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python experiments/generate_profile.py \
         --model runs/fb/k4 --mode kforcing --k 4 --compile

@@ -213,9 +213,7 @@ def _row(method: str, k: int | None, sampling: str, runs: list[Run], B: int, cfg
     passes = runs[-1].passes
     extra = dict(extra or {})
     decode = [r.decode_rate for r in runs]
-    if all(d is not None for d in decode):
-        # the roofline bounds decode passes: its measured share uses this, not tokens_per_s,
-        # whose time includes reading the prompt
+    if all(d is not None for d in decode):   # the roofline's share divides this (decode only)
         extra["decode_tokens_per_s"] = round(statistics.median(decode), 2)
     return BenchRow(method, k, B, cfg.prompt_len, new_tokens, sampling,
                     statistics.median(rates), statistics.median(lat) if lat else None, passes,
