@@ -7,7 +7,8 @@ A window: the draft proposes y_2..y_k; one teacher pass reads [first, y_2..y_k] 
 cache) and gives features and logits at each of them.
 
 - kforcing: all k tokens are emitted; the teacher's logits at the last one give the next `first`.
-  With Transformer.compile_decode the teacher's window passes run as one compiled graph.
+  With decoding.feedback_window.compile_window a whole chain window (proposal, teacher pass,
+  draw, re-read) is one compiled call; with only Transformer.compile_decode, its teacher pass.
 - lossless: the teacher's own token at slot j (with the noise of that token index) verifies
   y_{j+2}; the longest agreeing prefix is emitted with `first`, and the teacher's token at the
   first disagreement (or after the last proposal) becomes the next `first`. Rejected slots are
