@@ -288,7 +288,7 @@ class Transformer(nn.Module):
             raise KForcingError(
                 f"position {int(input_pos.max())} exceeds the model's context of "
                 f"{self.config.max_seq_len} tokens")
-        return self.rope_cos[input_pos].unsqueeze(1), self.rope_sin[input_pos].unsqueeze(1)
+        return self.static_rope(input_pos)
 
     def forward(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,

@@ -43,11 +43,15 @@ def _words(x: torch.Tensor) -> torch.Tensor:
     return (x - ((x >> 31) << 32)).to(torch.int32)
 
 
+# murmur3 fmix32's rounds: (right shift, then multiplier or None)
+_ROUNDS = ((16, _C1), (13, _C2), (16, None))
+
+
 def _mix_(x: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
     """murmur3 fmix32, in place, on an int32 tensor of words; tmp: scratch of x's shape (one
     buffer for the shifted words rather than a fresh tensor per step: at (B, V) it is faster)."""
     tmp = torch.empty_like(x) if tmp is None else tmp
-    for shift, mul in ((16, _C1), (13, _C2), (16, None)):
+    for shift, mul in _ROUNDS:
         torch.bitwise_right_shift(x, shift, out=tmp)
         tmp &= (1 << (32 - shift)) - 1                      # a logical shift
         x ^= tmp
@@ -147,7 +151,7 @@ class NoiseStream:
 
 def _fmix(x: torch.Tensor) -> torch.Tensor:
     """_mix_ out of place (murmur3 fmix32 on int32 words), for compiled graphs."""
-    for shift, mul in ((16, _C1), (13, _C2), (16, None)):
+    for shift, mul in _ROUNDS:
         x = x ^ ((x >> shift) & ((1 << (32 - shift)) - 1))          # a logical shift
         if mul is not None:
             x = x * mul

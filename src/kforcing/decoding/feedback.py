@@ -186,16 +186,16 @@ def _verify_tree(student: FeedbackStudent, tree: DraftTree, win: Window, per_que
             path)
 
 
-def _chain_window(student: FeedbackStudent, win: Window, mode: str, active: torch.Tensor,
-                  compiled: bool, per_query: bool) -> tuple[torch.Tensor, ...]:
+def _chain_window(student: FeedbackStudent, win: Window, mode: str, compiled: bool,
+                  per_query: bool) -> tuple[torch.Tensor, ...]:
     """One eager chain window: the draft proposes y_2..y_k, one teacher pass reads y_1..y_k
-    (through the teacher's compiled graph when `compiled`). Returns z (B, k), the teacher's
-    token after each slot t (B, k) (K-Forcing mode: the proposals, then its own after y_k),
-    accepted proposals a (B,), the teacher's features F (B, k, D) and the positions (B, k)."""
+    (through the teacher's compiled graph when `compiled`; its slots' padding already marked).
+    Returns z (B, k), the teacher's token after each slot t (B, k) (K-Forcing mode: the
+    proposals, then its own after y_k), accepted proposals a (B,), the teacher's features
+    F (B, k, D) and the positions (B, k)."""
     teacher, cache, k = student.teacher, win.teacher_cache, win.k
     z = torch.cat([win.first[:, None], student.propose(win)], 1)                  # (B, k)
     zpos = win.pos[:, None] + torch.arange(k, device=z.device)
-    cache.mark_padding(active[:, None].expand(-1, k))
     if compiled:
         F = teacher.compiled_pass(z, zpos, cache, hidden=True)
     else:
@@ -275,11 +275,10 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
     while max_new_tokens and bool((active := ~done & (n < max_new_tokens)).any()):
         index = n[:, None] + 1 + ar_k                                  # the tokens' noise
         spec = d_cache.length
-        if whole:
+        if tree is None:             # a chain's k slots: finished rows' are padding
             t_cache.mark_padding(active[:, None].expand(B, k))
-            z, t_last, h = window_pass(student, first, h, p, noise, index, sampling, t_cache,
-                                       d_cache)
-            t = torch.cat([z[:, 1:], t_last[:, None]], 1)
+        if whole:
+            z, t, h = window_pass(student, first, h, p, noise, index, sampling, t_cache, d_cache)
             a = torch.full_like(n, k - 1)
         else:
             win = Window(k, first, h, p, d_cache, t_cache,
@@ -288,7 +287,7 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
                 z, t, a, F, zpos, path = _verify_tree(student, tree, win, per_query)
             else:
                 start = t_cache.length
-                z, t, a, F, zpos = _chain_window(student, win, mode, active, compiled, per_query)
+                z, t, a, F, zpos = _chain_window(student, win, mode, compiled, per_query)
         windows += 1
         # where every active row accepted as many (always at batch 1), rejected slots are rolled
         # back in both caches instead of masked: no padding masks, and AR's cache layout

@@ -49,30 +49,27 @@ class WindowGraph(nn.Module):
         K/V go to t_slots of t_ks / t_vs, the draft's to d_slots; spans as static_slots gives
         them. With gumbel = (the rows' NoiseStream.gumbel_state, its vocab_words), noise holds
         the tokens' indices (B, k) and the graph draws their Gumbel vectors itself (core.noise:
-        token_hashes, gumbel_from_hashes).
-        Returns z (B, k) = y_1..y_k, the next first (B,) and the next feature (B, D)."""
+        token_hashes, gumbel_from_hashes). Returns z (B, k) = y_1..y_k, the token after each of
+        them (B, k) (y_2..y_k, then the next window's first) and the next feature (B, D)."""
         s, t = self.student, self.teacher
         k = noise.shape[1]
         if gumbel is not None:
             state, words = gumbel
             noise = gumbel_from_hashes(token_hashes(state, noise), words)        # (B, k, V)
-        toks = [first]
-        if k > 1:
-            y = sample(s._full(F.linear(h, head)), noise[:, 0], sampling)
+        y, toks = first, [first]
+        for i in range(k - 1):
+            if i:    # draft step i reads (h, y_{i+1}) at position p + i - 1
+                h = self._draft(s._mix(h[:, None], y[:, None]), (p + i - 1)[:, None],
+                                d_slots[i - 1:i], d_valid, d_ks, d_vs, d_span)[:, 0]
+            y = sample(s._full(F.linear(h, head)), noise[:, i], sampling)
             toks.append(y)
-            for i in range(1, k - 1):    # draft step i reads (h, y_{i+1}) at position p + i - 1
-                x = s._mix(h[:, None], y[:, None])
-                h = self._draft(x, (p + i - 1)[:, None], d_slots[i - 1:i], d_valid, d_ks, d_vs,
-                                d_span)[:, 0]
-                y = sample(s._full(F.linear(h, head)), noise[:, i], sampling)
-                toks.append(y)
         z = torch.stack(toks, 1)                                                  # (B, k)
         zpos = p[:, None] + torch.arange(k, device=p.device)
         feats = t.decode_static(z, zpos, t_slots, t_valid, t_ks, t_vs, t_span, hidden=True)
         nxt = sample(t.output(feats[:, -1]), noise[:, -1], sampling)
-        after = torch.cat([z[:, 1:], nxt[:, None]], 1)       # the token after each slot
+        after = torch.cat([z[:, 1:], nxt[:, None]], 1)
         h = self._draft(s._mix(feats, after), zpos, d_slots, d_valid, d_ks, d_vs, d_span)
-        return z, nxt, h[:, -1]
+        return z, after, h[:, -1]
 
     def _draft(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
                valid: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], span: int
@@ -107,7 +104,8 @@ def window_pass(student, first: torch.Tensor, h: torch.Tensor, p: torch.Tensor,
     tokens drawn with the noise of token indices index (B, k) of `stream`: under the Gumbel
     coupling the graph draws the vectors (O(B k V) work) itself. Both caches gain k committed
     slots (the teacher's after t_cache.mark_padding for the window). Returns z (B, k), the
-    next first token (B,) and the next feature (B, D)."""
+    token after each slot (B, k) (its last, the next first token) and the next feature (B, D).
+    """
     k = index.shape[1]
     gumbel = None
     if sampling.greedy:          # argmax ignores the noise
