@@ -148,6 +148,53 @@ def test_tree_pass_gives_each_node_the_logits_of_its_path():
             torch.testing.assert_close(out[:, i], want, rtol=0, atol=1e-5)
 
 
+@torch.inference_mode()
+def test_tree_lanes_follow_the_cache_bit_for_bit():
+    """bf16 at batch 1, per query: each node's logits are the bits of AR steps along its path,
+    through the lanes (KVCache.lane_buffers), also after the cache is rolled back, refilled with
+    other tokens and grown past what the lanes last copied."""
+    model = tiny_teacher(vocab=40)
+    if not bf16_invariant(model):
+        pytest.skip("this CPU's bf16 matmul is not batch-invariant")
+    model = model.to(torch.bfloat16)
+    tree = DraftTree((3, 2, 1))
+    depth = torch.tensor(tree.depth)
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache.for_model(model, 1, max_len=64)
+    history = [1, 2, 3, 4, 5]
+    model(torch.tensor([history]), cache=cache)
+    for rollback, extra in ((0, [6, 7]), (3, [9]), (1, [])):
+        nodes = torch.randint(0, 40, (1, tree.size), generator=g)
+        L = cache.length
+        out = model(nodes, input_pos=L + depth[None], cache=cache, tree=tree, per_query=True)
+        assert len(cache._lanes) == model.config.n_layer
+        assert cache._lanes[0][0].shape[0] == tree.leaves == 6
+        for i in range(tree.size):
+            ref = KVCache.for_model(model, 1, max_len=64)
+            model(torch.tensor([history]), cache=ref)
+            for tok in nodes[0, tree.paths[i, :tree.depth[i] + 1]].tolist():
+                want = model(torch.tensor([[tok]]), cache=ref)[:, -1]
+            assert torch.equal(out[:, i], want)
+        # move the cache on: roll back, then write other tokens where the lanes had copied
+        cache.truncate(L - rollback)
+        del history[len(history) - rollback:]
+        model(torch.tensor([extra + [11]]), cache=cache)
+        history += extra + [11]
+
+
+def test_tree_lanes_layout():
+    tree = DraftTree((2, 3, 1))
+    assert tree.leaves == 6
+    paths = tree.leaf_paths("cpu")
+    assert paths.shape == (6, 4)
+    # the leaves below node j of a level with n nodes are lanes [j * 6 / n, (j + 1) * 6 / n)
+    for d in range(tree.levels):
+        ids = tree.level(d)
+        span = tree.leaves // len(ids)
+        for j, node in enumerate(ids):
+            assert (paths[j * span:(j + 1) * span, d] == node).all()
+
+
 def test_bf16_tree_lossless_at_batch_1_is_bf16_ar_bit_for_bit():
     teacher = tiny_teacher(vocab=40)
     if not bf16_invariant(teacher):

@@ -26,8 +26,20 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.has_padding = False
-        self.length = 0
         self.max_len = max_len
+        self._lanes: dict[int, list] = {}     # lane_buffers(): layer -> [K, V, slots in step]
+        self.length = 0
+
+    @property
+    def length(self) -> int:
+        """Slots filled: [0, length) are the cache, later slots scratch."""
+        return self._length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        self._length = n
+        for lane in self._lanes.values():    # slots from n on may be rewritten: copy them again
+            lane[2] = min(lane[2], n)
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -95,6 +107,23 @@ class KVCache:
             self.valid[:, L + R:] = True
             self.length = L + R
             self.has_padding = True
+
+    def lane_buffers(self, layer: int, lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V (lanes, H_kv, max_len, D) of `layer` in which every lane's first `length`
+        slots hold row 0's cache: what a draft tree's exact verification at batch 1 attends over
+        (Attention.attend_tree puts each path right after the prefix in its own lane). Allocated
+        at the first call; afterwards only the slots filled since the last call are copied."""
+        lane = self._lanes.get(layer)
+        if lane is None or lane[0].shape[0] != lanes:
+            shape = (lanes, *self.k[layer].shape[1:])
+            lane = self._lanes[layer] = [self.k[layer].new_empty(shape),
+                                         self.v[layer].new_empty(shape), 0]
+        start, L = lane[2], self.length
+        if start < L:
+            for buf, src in ((lane[0], self.k[layer]), (lane[1], self.v[layer])):
+                buf[:, :, start:L] = src[:1, :, start:L]
+            lane[2] = L
+        return lane[0], lane[1]
 
     def truncate(self, length: int) -> None:
         """Roll back to `length` slots; later slots become scratch again."""

@@ -68,6 +68,11 @@ class DraftTree:
         return len(self.parent)
 
     @property
+    def leaves(self) -> int:
+        """The nodes at the deepest level: one path per leaf."""
+        return self.depth.count(len(self.widths))
+
+    @property
     def levels(self) -> int:
         """R = k: the depths 0..k-1, so a window commits at most R tokens."""
         return len(self.widths) + 1
@@ -100,6 +105,14 @@ class DraftTree:
         key = str(device)
         if key not in self._on:
             self._on[key] = (self.paths.to(device), torch.tensor(self.depth, device=device))
+        return self._on[key]
+
+    def leaf_paths(self, device: torch.device | str) -> torch.Tensor:
+        """(leaves, R) long on `device`: each leaf's path, root first. The leaves below a node
+        of depth d with n nodes are leaves / n consecutive ones (breadth-first numbering)."""
+        key = (str(device), "leaves")
+        if key not in self._on:
+            self._on[key] = self.paths[self.level(len(self.widths)).start:].to(device)
         return self._on[key]
 
     @cached_property
