@@ -134,6 +134,13 @@ class NoiseStream:
             self._vocab[vocab_size] = _words(v) * _i32(_GOLDEN)
         return self._vocab[vocab_size]
 
+    def gumbel_at(self, index: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """index (B, W), ids (N,) vocabulary ids -> (B, W, N) float32: gumbel(index, V)[..., ids]
+        for any V > max(ids), bit for bit, made for those N ids only (a draft vocabulary's
+        draws need a fraction of each vector)."""
+        words = _words(ids.to(self.device, torch.long)) * _i32(_GOLDEN)
+        return gumbel_from_hashes(self.gumbel_hashes(index), words)
+
     def gumbel(self, index: torch.Tensor, vocab_size: int, out: torch.Tensor | None = None
                ) -> torch.Tensor:
         """index (B, W) -> (B, W, V) float32 standard Gumbel noise, written into `out` when given

@@ -62,6 +62,51 @@ from kforcing.students.feedback import FeedbackStudent, check_k
 MODES = ("kforcing", "lossless")
 
 
+class WindowNoise:
+    """The noise of a window's k tokens (B rows), made when first asked for: slot i is the
+    noise of the window's token i + 1 (y_1's draw is the previous window's). Under the Gumbel
+    coupling a slot is a (B, V) vector; the draft asks only for its vocabulary's entries, and
+    a lossless window whose rows all rejected at slot j never needs the later slots.
+    WindowNoise.given wraps noise made beforehand, (B, k[, V])."""
+
+    def __init__(self, stream: NoiseStream | None, index: torch.Tensor | None,
+                 sampling: SamplingConfig, vocab_size: int, ready: torch.Tensor | None = None):
+        self.stream, self.index, self.sampling, self.vocab_size = stream, index, sampling, \
+            vocab_size
+        self.ready = ready
+        self.slots: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def given(cls, noise: torch.Tensor, sampling: SamplingConfig) -> WindowNoise:
+        return cls(None, None, sampling, noise.shape[-1] if noise.dim() == 3 else 0, noise)
+
+    @property
+    def k(self) -> int:
+        return (self.ready if self.ready is not None else self.index).shape[1]
+
+    def slot(self, i: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Slot i's noise (B,) or (B, V); with ids (N,) under the Gumbel coupling only those
+        vocabulary entries, (B, N), the same bits as the whole vector's."""
+        i = i % self.k
+        vector = self.sampling.coupling == "gumbel" and not self.sampling.greedy
+        if self.ready is not None:
+            g = self.ready[:, i]
+        elif i in self.slots:
+            g = self.slots[i]
+        elif ids is not None and vector:
+            return self.stream.gumbel_at(self.index[:, i:i + 1], ids)[:, 0]
+        else:
+            g = self.slots[i] = _noise(self.stream, self.index[:, i:i + 1], self.sampling,
+                                       self.vocab_size)[:, 0]
+        return g.index_select(1, ids) if ids is not None and vector else g
+
+    def all(self) -> torch.Tensor:
+        """(B, k[, V]): every slot's noise."""
+        if self.ready is None:
+            self.ready = _noise(self.stream, self.index, self.sampling, self.vocab_size)
+        return self.ready
+
+
 @dataclass
 class Window:
     """What a student's propose() sees of one window (B rows)."""
@@ -71,13 +116,17 @@ class Window:
     pos: torch.Tensor            # (B,) RoPE position of y_1
     draft_cache: KVCache
     teacher_cache: KVCache       # read-only here (an oracle may copy it)
-    noise: torch.Tensor          # (B, k[, V]): noise[:, i] is the noise of y_{i+2}
+    noise: WindowNoise           # slot(i): the noise of y_{i+2} (a (B, k[, V]) tensor is wrapped)
     sampling: SamplingConfig
-    q_logits: torch.Tensor | None = None   # (B, k-1, V) set by propose
+    q_logits: torch.Tensor | None = None   # (B, k-1, N) set by propose: the draft's logits
+
+    def __post_init__(self) -> None:
+        if torch.is_tensor(self.noise):
+            self.noise = WindowNoise.given(self.noise, self.sampling)
 
     def sample(self, logits: torch.Tensor, i: int) -> torch.Tensor:
-        """Token y_{i+2} from logits (B, V) with its own noise."""
-        return sample(logits, self.noise[:, i], self.sampling)
+        """Token y_{i+2} from logits (B, V) over the whole vocabulary with its own noise."""
+        return sample(logits, self.noise.slot(i), self.sampling)
 
 
 def _noise(stream: NoiseStream, index: torch.Tensor, sampling: SamplingConfig, V: int
@@ -179,11 +228,27 @@ def _verify_tree(student: FeedbackStudent, tree: DraftTree, win: Window, per_que
                 per_query=per_query, tree=tree)                                   # (B, N, D)
     logits = teacher.output(F)                                                     # (B, N, V)
     rows = torch.arange(B, device=nodes.device)
-    best, t = tree.accept(nodes, lambda d, node: sample(logits[rows, node], win.noise[:, d],
+    best, t = tree.accept(nodes, lambda d, node: sample(logits[rows, node], win.noise.slot(d),
                                                         win.sampling))
     path = paths[best]                                                          # (B, k)
     return (nodes.gather(1, path), t, depth[best], F[rows[:, None], path], npos.gather(1, path),
             path)
+
+
+def _verify_chain(logits: torch.Tensor, z: torch.Tensor, win: Window) -> torch.Tensor:
+    """The teacher's token after each slot of a chain, t (B, k), from its logits (B, k, V):
+    slot by slot, stopping once every row has rejected (the slots after that are never read;
+    they repeat the last one drawn), so those slots' noise is never made."""
+    B, k = z.shape
+    t, alive = [], torch.ones(B, dtype=torch.bool, device=z.device)
+    for j in range(k):
+        t.append(sample(logits[:, j], win.noise.slot(j), win.sampling))
+        if j == k - 1:
+            break
+        alive &= z[:, j + 1] == t[-1]
+        if not bool(alive.any()):
+            break
+    return torch.stack(t + t[-1:] * (k - len(t)), 1)
 
 
 def _chain_window(student: FeedbackStudent, win: Window, mode: str, compiled: bool,
@@ -201,9 +266,9 @@ def _chain_window(student: FeedbackStudent, win: Window, mode: str, compiled: bo
     else:
         F = teacher(z, input_pos=zpos, cache=cache, return_hidden=True, per_query=per_query)
     if mode == "lossless":
-        t = sample(teacher.output(F), win.noise, win.sampling)   # teacher's token after slot j
+        t = _verify_chain(teacher.output(F), z, win)
         return z, t, _leading(z[:, 1:] == t[:, :-1]), F, zpos  # accepted proposals, [0, k-1]
-    last = sample(teacher.output(F[:, -1]), win.noise[:, -1], win.sampling)
+    last = sample(teacher.output(F[:, -1]), win.noise.slot(-1), win.sampling)
     t = torch.cat([z[:, 1:], last[:, None]], 1)
     return z, t, torch.full_like(win.pos, k - 1), F, zpos
 
@@ -282,7 +347,7 @@ def generate_feedback(student: FeedbackStudent, prompts: list[list[int]], max_ne
             a = torch.full_like(n, k - 1)
         else:
             win = Window(k, first, h, p, d_cache, t_cache,
-                         _noise(noise, index, sampling, tc.vocab_size), sampling)
+                         WindowNoise(noise, index, sampling, tc.vocab_size), sampling)
             if tree is not None:
                 z, t, a, F, zpos, path = _verify_tree(student, tree, win, per_query)
             else:
@@ -382,7 +447,7 @@ def window_match(student: FeedbackStudent, contexts: torch.Tensor, k: int,
         g.append(sample(logits, G[:, i - 1], sampling))
         if i == 1:
             p2 = probs_from_logits(logits, sampling)
-            q2 = probs_from_logits(win.q_logits[:, 0], sampling)
+            q2 = probs_from_logits(student.full_logits(win.q_logits[:, 0]), sampling)
             overlap = 1 - 0.5 * (p2 - q2).abs().sum(-1)
     return WindowMatch(y, torch.stack(g, 1), overlap)
 

@@ -51,22 +51,29 @@ class WindowGraph(nn.Module):
         the tokens' indices (B, k) and the graph draws their Gumbel vectors itself (core.noise:
         token_hashes, gumbel_from_hashes). Returns z (B, k) = y_1..y_k, the token after each of
         them (B, k) (y_2..y_k, then the next window's first) and the next feature (B, D)."""
-        s, t = self.student, self.teacher
+        s, t, ids = self.student, self.teacher, self.student.draft_ids
         k = noise.shape[1]
-        if gumbel is not None:
+        if gumbel is not None:     # the draft's draws need only its vocabulary's entries
             state, words = gumbel
-            noise = gumbel_from_hashes(token_hashes(state, noise), words)        # (B, k, V)
+            hashes = token_hashes(state, noise)                                   # (B, k)
+            draft_noise = gumbel_from_hashes(hashes[:, :-1],
+                                             words if ids is None else words[ids])  # (B, k-1, N)
+            last_noise = gumbel_from_hashes(hashes[:, -1], words)                 # (B, V)
+        else:
+            draft_noise, last_noise = noise[:, :-1], noise[:, -1]
         y, toks = first, [first]
         for i in range(k - 1):
             if i:    # draft step i reads (h, y_{i+1}) at position p + i - 1
                 h = self._draft(s._mix(h[:, None], y[:, None]), (p + i - 1)[:, None],
                                 d_slots[i - 1:i], d_valid, d_ks, d_vs, d_span)[:, 0]
-            y = sample(s._full(F.linear(h, head)), noise[:, i], sampling)
+            y = sample(F.linear(h, head), draft_noise[:, i], sampling)   # FeedbackStudent.draw
+            if ids is not None:
+                y = ids[y]
             toks.append(y)
         z = torch.stack(toks, 1)                                                  # (B, k)
         zpos = p[:, None] + torch.arange(k, device=p.device)
         feats = t.decode_static(z, zpos, t_slots, t_valid, t_ks, t_vs, t_span, hidden=True)
-        nxt = sample(t.output(feats[:, -1]), noise[:, -1], sampling)
+        nxt = sample(t.output(feats[:, -1]), last_noise, sampling)
         after = torch.cat([z[:, 1:], nxt[:, None]], 1)
         h = self._draft(s._mix(feats, after), zpos, d_slots, d_valid, d_ks, d_vs, d_span)
         return z, after, h[:, -1]

@@ -14,7 +14,8 @@ through .to()/.cuda()/.half()), so its KV cache and logits stay exactly the teac
 student holds the draft's weights, its config and the teacher's directory path.
 
 Draft vocabulary (optional): q over the N most frequent corpus token ids only, mapped back to
-full ids (every other token gets probability 0): the output head shrinks from V x dim to N x dim.
+full ids (every other token gets probability 0): the output head shrinks from V x dim to N x dim,
+and a draft token is drawn over those N ids with the noise at those ids only (draw()).
 
 Decoding cost: a draft step is one block, the head and a draw, against the teacher's whole
 stack for an AR step. propose() prepares each window's RoPE rows and padding mask once and
@@ -229,9 +230,16 @@ class FeedbackStudent(nn.Module):
     def logits(self, feature: torch.Tensor) -> torch.Tensor:
         """feature (..., D) -> q's logits (..., V) over the full vocabulary (-inf outside the
         draft vocabulary)."""
-        return self._full(self.draft_logits(feature))
+        return self.full_logits(self.draft_logits(feature))
 
-    def _full(self, small: torch.Tensor) -> torch.Tensor:
+    def draw(self, small: torch.Tensor, window, i: int) -> torch.Tensor:
+        """Draft token y_{i+2} (B,) from its logits over the draft vocabulary (B, N), with that
+        token's noise at those ids only: the full vocabulary's draw up to rounding (every
+        other token has q = 0), at N / V of its cost."""
+        y = sample(small, window.noise.slot(i, self.draft_ids), window.sampling)
+        return y if self.draft_ids is None else self.draft_ids[y]
+
+    def full_logits(self, small: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits (..., N) -> full ones (..., V), -inf elsewhere."""
         if self.draft_ids is None:
             return small
@@ -240,8 +248,9 @@ class FeedbackStudent(nn.Module):
 
     def propose(self, window) -> torch.Tensor:
         """The k-1 draft steps of a window (see decoding.feedback.Window): returns the proposals
-        y_2..y_k (B, k-1) and leaves their logits in window.q_logits (B, k-1, V). Its speculative
-        entries in window.draft_cache are rolled back by the caller."""
+        y_2..y_k (B, k-1) and leaves their logits over the draft vocabulary in window.q_logits
+        (B, k-1, N). Its speculative entries in window.draft_cache are rolled back by the
+        caller."""
         if window.k == 1:
             return window.first.new_zeros(window.first.shape[0], 0)
         step = self._stepper(window)
@@ -249,8 +258,8 @@ class FeedbackStudent(nn.Module):
         toks, logits = [], []
         for i in range(window.k - 1):
             if i == 0:
-                q = self.logits(h)
-                y = window.sample(q, 0)
+                q = self.draft_logits(h)
+                y = self.draw(q, window, 0)
             else:   # step i + 2 reads the previous step's output and token
                 h, q, y = step(h, y, i)
             toks.append(y)
@@ -268,7 +277,8 @@ class FeedbackStudent(nn.Module):
         h = window.feature[:, None]                                          # (B, 1, D)
         B, toks = h.shape[0], []
         for d, w in enumerate(tree.widths, start=1):
-            toks.append(self._children(h, window.noise[:, d - 1], window.sampling, w))
+            toks.append(self._children(h, window.noise.slot(d - 1, self.draft_ids),
+                                       window.sampling, w))
             if d == len(tree.widths):
                 break
             ids = tree.level(d)
@@ -284,15 +294,14 @@ class FeedbackStudent(nn.Module):
 
     def _children(self, h: torch.Tensor, noise: torch.Tensor, sampling: SamplingConfig, w: int
                   ) -> torch.Tensor:
-        """h (B, n, D) -> (B, n * w): each node's top-w tokens, scored over the draft vocabulary
-        only (the rest have q = 0 and never rank) with the noise of those ids."""
+        """h (B, n, D), the token index's noise at the draft vocabulary's ids -> (B, n * w): each
+        node's top-w tokens, scored over the draft vocabulary only (the rest have q = 0 and
+        never rank)."""
         B, n, D = h.shape          # 2-D: a strided 3-D input makes matmul copy the head per row
         small = self.draft_logits(h.reshape(B * n, D)).view(B, n, -1)         # (B, n, N)
         if w > small.shape[-1]:
             raise KForcingError(f"a draft-tree width of {w} exceeds the draft's vocabulary of "
                                 f"{small.shape[-1]} tokens")
-        if self.draft_ids is not None and noise.dim() == 2:
-            noise = noise.index_select(1, self.draft_ids)
         top = top_tokens(small, noise, sampling, w).flatten(1)
         return top if self.draft_ids is None else self.draft_ids[top]
 
@@ -304,20 +313,22 @@ class FeedbackStudent(nn.Module):
             if i > 0:
                 h = self.draft(h[:, None], y[:, None], window.pos[:, None] + i - 1,
                                cache=window.draft_cache)[:, 0]
-            return h, self.logits(h)
-        return self.propose_with(window, step)
+            return h, self.draft_logits(h)
+        return self.propose_with(window, step, lambda q, i: self.draw(q, window, i))
 
     @staticmethod
-    def propose_with(window, step) -> torch.Tensor:
+    def propose_with(window, step, draw=None) -> torch.Tensor:
         """A window's proposals drawn one step at a time: step(i, h, y) -> (h, q) gives step i's
-        state and logits (B, V) from the previous state (the window's feature at first) and
-        token; each token is drawn with its own noise. Returns y_2..y_k (B, k-1) and leaves
-        the logits in window.q_logits."""
+        state and logits from the previous state (the window's feature at first) and token;
+        each token is drawn with its own noise by draw(q, i) (default: window.sample, over the
+        whole vocabulary). Returns y_2..y_k (B, k-1) and leaves the logits in
+        window.q_logits."""
+        draw = draw or window.sample
         h, y = window.feature, window.first
         toks, logits = [], []
         for i in range(window.k - 1):
             h, q = step(i, h, y)
-            y = window.sample(q, i)
+            y = draw(q, i)
             toks.append(y)
             logits.append(q)
         if not toks:
@@ -336,8 +347,8 @@ class FeedbackStudent(nn.Module):
 
         def generic(h, y, i):
             h = self.draft(h[:, None], y[:, None], pos[:, i - 1:i], cache=cache)[:, 0]
-            q = self.logits(h)
-            return h, q, window.sample(q, i)
+            q = self.draft_logits(h)
+            return h, q, self.draw(q, window, i)
 
         if not isinstance(cache, KVCache):
             return generic
@@ -356,8 +367,8 @@ class FeedbackStudent(nn.Module):
         def step(h, y, i):
             mask = None if valid is None else valid[..., :cache.length + 1]
             h = self._step(h, y, cos[:, :, i - 1:i], sin[:, :, i - 1:i], mask, cache)
-            q = self._full(F.linear(h, head))
-            return h, q, window.sample(q, i)
+            q = F.linear(h, head)
+            return h, q, self.draw(q, window, i)
 
         return step
 
@@ -380,7 +391,7 @@ class FeedbackStudent(nn.Module):
             h, q, y, ks, vs = self.compiled_draft(
                 h, y, cos[:, :, i - 1:i], sin[:, :, i - 1:i], cache.valid[:, None, None, :L + 1],
                 [k[:, :, :L] for k in cache.k], [v[:, :, :L] for v in cache.v], head,
-                window.noise[:, i], window.sampling)
+                window.noise.slot(i, self.draft_ids), window.sampling)
             for layer, (k, v) in enumerate(zip(ks, vs, strict=True)):
                 cache.k[layer][:, :, L:L + 1] = k
                 cache.v[layer][:, :, L:L + 1] = v
@@ -394,14 +405,16 @@ class FeedbackStudent(nn.Module):
                        past_v: list[torch.Tensor], head: torch.Tensor, noise: torch.Tensor,
                        sampling: SamplingConfig) -> tuple:
         """What compile_draft compiles: a step over the cached K/V (per layer (B, Hkv, L, D)),
-        its logits (B, V), its token (B,) drawn as Window.sample draws it, and the step's K/V
-        (per layer (B, Hkv, 1, D))."""
+        its logits over the draft vocabulary (B, N), its token (B,) drawn as draw() draws it
+        (noise: the token's, at the draft vocabulary's ids), and the step's K/V (per layer
+        (B, Hkv, 1, D))."""
         kv = GrowingKV(len(self.layers))
         kv.k, kv.v = list(past_k), list(past_v)
         h = self._step(h, y, cos, sin, mask, kv)
-        q = self._full(F.linear(h, head))
-        return (h, q, sample(q, noise, sampling), [k[:, :, -1:] for k in kv.k],
-                [v[:, :, -1:] for v in kv.v])
+        q = F.linear(h, head)
+        y = sample(q, noise, sampling)
+        return (h, q, y if self.draft_ids is None else self.draft_ids[y],
+                [k[:, :, -1:] for k in kv.k], [v[:, :, -1:] for v in kv.v])
 
     def compile_draft(self, **options) -> FeedbackStudent:
         """Opt in to compiled draft steps: steps 2..k-1 of a window (block, head, draw) run as one
@@ -410,8 +423,8 @@ class FeedbackStudent(nn.Module):
         setting); the cache length is a dynamic shape, so a growing cache does not recompile.
         Fused kernels round differently from eager ones, so a proposal can differ in a near-tie:
         lossless output stays exact (the teacher verifies), K-Forcing output may change. It pays
-        most where the full-vocabulary draw dominates (a draft vocabulary, batch > 1): the
-        graph fuses the scatter, softmax, noise and argmax. Returns self."""
+        most where the draw dominates (batch > 1): the graph fuses the softmax, noise and argmax.
+        Returns self."""
         self.compiled_draft = torch.compile(self._step_and_draw, dynamic=True, **options)
         return self
 
