@@ -48,6 +48,11 @@ def test_cli_generate_and_match_take_a_feedback_student(saved_tiny_model, tiny_c
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["head"] == "feedback" and rec["tau=1.0"]["windows"] == 8
     assert rec["tau=1.0"]["per_position"][0] == 1.0
+    # the training split, to tell under- from overfitting
+    assert main(["match", "--student", str(d), "--data", str(tiny_corpus.dir), "--windows", "8",
+                 "--k", "2", "--block-size", "16", "--split", "train"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["split"] == "train" and rec["tau=1.0"]["windows"] == 8
 
 
 def test_cli_generate_verifies_a_draft_tree(saved_tiny_model, tmp_path, capsys):

@@ -295,7 +295,9 @@ def add_parser(sub) -> None:
     sp = sub.add_parser("match", help="student vs teacher: window match rates, same uniforms")
     sp.add_argument("--student", type=path, required=True)
     sp.add_argument("--data", type=path, required=True, help="prepared corpus directory")
-    sp.add_argument("--split", default="validation", choices=["validation", "test"])
+    sp.add_argument("--split", default="validation", choices=["train", "validation", "test"],
+                    help="windows from this split (train: against validation, whether the "
+                    "student under- or overfits its training text)")
     sp.add_argument("--k", type=count, default=None,
                     help="window (default: the student's max_k)")
     sp.add_argument("--windows", type=count, default=1024)
