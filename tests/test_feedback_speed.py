@@ -15,7 +15,7 @@ from kforcing.core.kv_cache import KVCache
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.common import left_pad
-from kforcing.decoding.feedback import Window, _noise, _prefill, generate_feedback
+from kforcing.decoding.feedback import Window, WindowNoise, _noise, _prefill, generate_feedback
 from kforcing.students.feedback import FeedbackStudent
 
 
@@ -98,3 +98,24 @@ def test_compiled_draft_steps_match_eager_and_lossless_stays_exact():
     noise = NoiseStream.from_seed(1, len(RAGGED))
     res = generate_feedback(compiled, RAGGED, 12, k=4, mode="lossless", sampling=s, noise=noise)
     assert res.tokens == ar_reference(teacher, RAGGED, 12, s, noise)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(coupling="gumbel"),
+                                      SamplingConfig(coupling="inverse-cdf"),
+                                      SamplingConfig(temperature=0.0)],
+                         ids=["gumbel", "inverse-cdf", "greedy"])
+def test_window_noise_made_lazily_is_the_whole_windows_noise(sampling):
+    """Each slot, whole or at a draft vocabulary's ids, made alone or wrapped from the whole
+    window's noise, carries the same bits."""
+    stream = NoiseStream.from_seed(7, 3)
+    index = torch.tensor([[1, 2, 3, 4], [9, 10, 11, 12], [5, 6, 7, 8]])
+    whole = _noise(stream, index, sampling, 50)
+    ids = torch.tensor([3, 0, 49, 17])
+    lazy, given = WindowNoise(stream, index, sampling, 50), WindowNoise.given(whole, sampling)
+    for i in (2, 0, -1, 3):
+        want = whole[:, i][:, ids] if whole.dim() == 3 else whole[:, i]
+        # only the ids' entries made (a fresh window), then the whole slot, then the ids again
+        assert torch.equal(WindowNoise(stream, index, sampling, 50).slot(i, ids), want)
+        for w in (lazy, given):
+            assert torch.equal(w.slot(i), whole[:, i])
+            assert torch.equal(w.slot(i, ids), want)

@@ -71,9 +71,8 @@ class WindowNoise:
 
     def __init__(self, stream: NoiseStream | None, index: torch.Tensor | None,
                  sampling: SamplingConfig, vocab_size: int, ready: torch.Tensor | None = None):
-        self.stream, self.index, self.sampling, self.vocab_size = stream, index, sampling, \
-            vocab_size
-        self.ready = ready
+        self.stream, self.index, self.ready = stream, index, ready
+        self.sampling, self.vocab_size = sampling, vocab_size
         self.slots: dict[int, torch.Tensor] = {}
 
     @classmethod
@@ -99,12 +98,6 @@ class WindowNoise:
             g = self.slots[i] = _noise(self.stream, self.index[:, i:i + 1], self.sampling,
                                        self.vocab_size)[:, 0]
         return g.index_select(1, ids) if ids is not None and vector else g
-
-    def all(self) -> torch.Tensor:
-        """(B, k[, V]): every slot's noise."""
-        if self.ready is None:
-            self.ready = _noise(self.stream, self.index, self.sampling, self.vocab_size)
-        return self.ready
 
 
 @dataclass
