@@ -168,7 +168,7 @@ def test_tree_lanes_follow_the_cache_bit_for_bit():
         L = cache.length
         out = model(nodes, input_pos=L + depth[None], cache=cache, tree=tree, per_query=True)
         assert len(cache._lanes) == model.config.n_layer
-        assert cache._lanes[0][0].shape[0] == tree.leaves == 6
+        assert cache._lanes[0][0].shape[1] == tree.leaves == 6          # (B, lanes, ...)
         for i in range(tree.size):
             ref = KVCache.for_model(model, 1, max_len=64)
             model(torch.tensor([history]), cache=ref)
@@ -180,6 +180,26 @@ def test_tree_lanes_follow_the_cache_bit_for_bit():
         del history[len(history) - rollback:]
         model(torch.tensor([extra + [11]]), cache=cache)
         history += extra + [11]
+
+
+@torch.inference_mode()
+def test_per_query_tree_pass_with_several_padded_rows():
+    """Lanes hold each row's own prefix: two rows, one left-padded, per query equal masked."""
+    model = tiny_teacher(vocab=40)
+    tree = DraftTree((3, 2))
+    depth = torch.tensor(tree.depth)
+    prompt = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    valid = torch.tensor([[False, True, True, True, True], [True] * 5])
+    pos = torch.tensor([[0, 0, 1, 2, 3], [0, 1, 2, 3, 4]])
+    nodes = torch.randint(0, 40, (2, tree.size), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for per_query in (False, True):
+        cache = KVCache.for_model(model, 2, max_len=32)
+        cache.mark_padding(valid)
+        model(prompt, input_pos=pos, cache=cache)
+        outs.append(model(nodes, input_pos=pos[:, -1:] + 1 + depth[None], cache=cache,
+                          tree=tree, per_query=per_query))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
 
 
 def test_tree_lanes_layout():

@@ -109,19 +109,20 @@ class KVCache:
             self.has_padding = True
 
     def lane_buffers(self, layer: int, lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V (lanes, H_kv, max_len, D) of `layer` in which every lane's first `length`
-        slots hold row 0's cache: what a draft tree's exact verification at batch 1 attends over
-        (Attention.attend_tree puts each path right after the prefix in its own lane). Allocated
-        at the first call; afterwards only the slots filled since the last call are copied."""
+        """K and V (B, lanes, H_kv, max_len, D) of `layer` in which every lane's first `length`
+        slots hold its row's cache: what a draft tree's exact (per-query) verification attends
+        over (Attention.attend_tree puts each path right after the prefix in its own lane).
+        Allocated at the first call; afterwards only the slots filled since the last call are
+        copied."""
         lane = self._lanes.get(layer)
-        if lane is None or lane[0].shape[0] != lanes:
-            shape = (lanes, *self.k[layer].shape[1:])
-            lane = self._lanes[layer] = [self.k[layer].new_empty(shape),
-                                         self.v[layer].new_empty(shape), 0]
+        if lane is None or lane[0].shape[1] != lanes:
+            B, *rest = self.k[layer].shape
+            lane = self._lanes[layer] = [self.k[layer].new_empty(B, lanes, *rest),
+                                         self.v[layer].new_empty(B, lanes, *rest), 0]
         start, L = lane[2], self.length
         if start < L:
             for buf, src in ((lane[0], self.k[layer]), (lane[1], self.v[layer])):
-                buf[:, :, start:L] = src[:1, :, start:L]
+                buf[:, :, :, start:L] = src[:, None, :, start:L]
             lane[2] = L
         return lane[0], lane[1]
 

@@ -120,11 +120,10 @@ class Attention(nn.Module):
         """A draft tree's N nodes (q, k, v over them, (B, H(kv), N, D)): their K/V go to the
         node slots [L + R, L + R + N) (KVCache.accept_path commits the verified path from
         there). per_query: each node attends alone over the prefix [0, L) and its path, the keys
-        and the kernel call of the AR step at that position. At batch 1 every path lives in a
-        lane of its own (KVCache.lane_buffers: the prefix, then the path, as AR's cache holds
-        them) and a level's nodes are one batched call over strided views of their lanes; with
-        more rows a level's nodes get a copy of the prefix each. The SDPA kernel treats batch
-        rows independently; tests/test_tree.py checks the bits."""
+        and the kernel call of the AR step at that position. Every path lives in a lane of its
+        own (KVCache.lane_buffers: the row's prefix, then the path, as AR's cache holds them),
+        and a row's nodes of one level are one batched call over strided views of their lanes.
+        The SDPA kernel treats batch rows independently; tests/test_tree.py checks the bits."""
         L, R, N = cache.length, tree.levels, tree.size
         ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
         ck[:, :, L + R:L + R + N] = k
@@ -133,28 +132,22 @@ class Attention(nn.Module):
             return self.attend(q, ck[:, :, :L + R + N], cv[:, :, :L + R + N], mask)
         B, H, _, D = q.shape
         gqa, y = self.n_kv_head != self.n_head, torch.empty_like(q)
-        lanes = cache.lane_buffers(self.layer_idx, tree.leaves) if B == 1 else None
-        if lanes is not None:      # lane i: leaf i's path, root first, right after the prefix
-            sel = tree.leaf_paths(k.device)                                        # (P, R)
-            for lane, new in zip(lanes, (k, v), strict=True):
-                lane[:, :, L:L + R] = new[0][:, sel].transpose(0, 1)
+        lanes = cache.lane_buffers(self.layer_idx, tree.leaves)        # (B, P, Hkv, M, D) each
+        sel = tree.leaf_paths(k.device)                                            # (P, R)
+        for lane, new in zip(lanes, (k, v), strict=True):  # lane i: leaf i's path after the prefix
+            lane[:, :, :, L:L + R] = new[:, :, sel].transpose(1, 2)
         for d in range(R):
             ids = tree.level(d)
-            n, m = len(ids), None if mask is None else mask[..., :L + d + 1]
-            qq = q[:, :, ids.start:ids.stop].transpose(1, 2).reshape(B * n, H, 1, D)
-            if lanes is not None:
+            n = len(ids)
+            for b in range(B):    # a row's nodes of the level in one call over views of its lanes
                 # the leaves below node j of the level are lanes [j * span, (j + 1) * span): each
                 # holds node j's path at slots L..L + d
-                kv = [lane[::tree.leaves // n, :, :L + d + 1] for lane in lanes]
-            else:
-                sel = tree.on(k.device)[0][ids.start:ids.stop, :d + 1]              # (n, d + 1)
-                kv = [torch.cat([c[:, :, None, :L].expand(-1, -1, n, -1, -1), new[:, :, sel]], 3)
-                      .transpose(1, 2).reshape(B * n, self.n_kv_head, L + d + 1, D)
-                      for c, new in ((ck, k), (cv, v))]
-            out = F.scaled_dot_product_attention(
-                qq, *kv, attn_mask=None if m is None else m.repeat_interleave(n, 0),
-                enable_gqa=gqa)
-            y[:, :, ids.start:ids.stop] = out.view(B, n, H, D).transpose(1, 2)
+                kv = [lane[b, ::tree.leaves // n, :, :L + d + 1] for lane in lanes]
+                m = None if mask is None else mask[b % mask.shape[0], None, ..., :L + d + 1]
+                out = F.scaled_dot_product_attention(
+                    q[b, :, ids.start:ids.stop].transpose(0, 1)[:, :, None], *kv,
+                    attn_mask=None if m is None else m.expand(n, *m.shape[1:]), enable_gqa=gqa)
+                y[b, :, ids.start:ids.stop] = out[:, :, 0].transpose(0, 1)
         return self.wo(y.transpose(1, 2).reshape(B, N, -1))
 
     def step_static(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

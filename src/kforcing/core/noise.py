@@ -43,6 +43,11 @@ def _words(x: torch.Tensor) -> torch.Tensor:
     return (x - ((x >> 31) << 32)).to(torch.int32)
 
 
+def _spread(ids: torch.Tensor) -> torch.Tensor:
+    """Vocabulary ids (long) -> their spread int32 words, what a Gumbel vector's hashes mix in."""
+    return _words(ids) * _i32(_GOLDEN)
+
+
 # murmur3 fmix32's rounds: (right shift, then multiplier or None)
 _ROUNDS = ((16, _C1), (13, _C2), (16, None))
 
@@ -130,16 +135,14 @@ class NoiseStream:
         """(V,) int32: each vocabulary id's spread word, the other input of
         gumbel_from_hashes."""
         if vocab_size not in self._vocab:
-            v = torch.arange(vocab_size, device=self.device, dtype=torch.long)
-            self._vocab[vocab_size] = _words(v) * _i32(_GOLDEN)
+            self._vocab[vocab_size] = _spread(torch.arange(vocab_size, device=self.device))
         return self._vocab[vocab_size]
 
     def gumbel_at(self, index: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """index (B, W), ids (N,) vocabulary ids -> (B, W, N) float32: gumbel(index, V)[..., ids]
         for any V > max(ids), bit for bit, made for those N ids only (a draft vocabulary's
         draws need a fraction of each vector)."""
-        words = _words(ids.to(self.device, torch.long)) * _i32(_GOLDEN)
-        return gumbel_from_hashes(self.gumbel_hashes(index), words)
+        return gumbel_from_hashes(self.gumbel_hashes(index), _spread(ids.to(self.device)))
 
     def gumbel(self, index: torch.Tensor, vocab_size: int, out: torch.Tensor | None = None
                ) -> torch.Tensor:

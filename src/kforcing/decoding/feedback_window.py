@@ -66,9 +66,7 @@ class WindowGraph(nn.Module):
             if i:    # draft step i reads (h, y_{i+1}) at position p + i - 1
                 h = self._draft(s._mix(h[:, None], y[:, None]), (p + i - 1)[:, None],
                                 d_slots[i - 1:i], d_valid, d_ks, d_vs, d_span)[:, 0]
-            y = sample(F.linear(h, head), draft_noise[:, i], sampling)   # FeedbackStudent.draw
-            if ids is not None:
-                y = ids[y]
+            y = s.draw_with(F.linear(h, head), draft_noise[:, i], sampling)
             toks.append(y)
         z = torch.stack(toks, 1)                                                  # (B, k)
         zpos = p[:, None] + torch.arange(k, device=p.device)

@@ -236,7 +236,13 @@ class FeedbackStudent(nn.Module):
         """Draft token y_{i+2} (B,) from its logits over the draft vocabulary (B, N), with that
         token's noise at those ids only: the full vocabulary's draw up to rounding (every
         other token has q = 0), at N / V of its cost."""
-        y = sample(small, window.noise.slot(i, self.draft_ids), window.sampling)
+        return self.draw_with(small, window.noise.slot(i, self.draft_ids), window.sampling)
+
+    def draw_with(self, small: torch.Tensor, noise: torch.Tensor, sampling: SamplingConfig
+                  ) -> torch.Tensor:
+        """draw() given the token's noise at the draft vocabulary's ids (the compiled graphs
+        make or take it themselves): full token ids (B,)."""
+        y = sample(small, noise, sampling)
         return y if self.draft_ids is None else self.draft_ids[y]
 
     def full_logits(self, small: torch.Tensor) -> torch.Tensor:
@@ -412,9 +418,8 @@ class FeedbackStudent(nn.Module):
         kv.k, kv.v = list(past_k), list(past_v)
         h = self._step(h, y, cos, sin, mask, kv)
         q = F.linear(h, head)
-        y = sample(q, noise, sampling)
-        return (h, q, y if self.draft_ids is None else self.draft_ids[y],
-                [k[:, :, -1:] for k in kv.k], [v[:, :, -1:] for v in kv.v])
+        return (h, q, self.draw_with(q, noise, sampling), [k[:, :, -1:] for k in kv.k],
+                [v[:, :, -1:] for v in kv.v])
 
     def compile_draft(self, **options) -> FeedbackStudent:
         """Opt in to compiled draft steps: steps 2..k-1 of a window (block, head, draw) run as one
