@@ -1,13 +1,27 @@
-"""Device and dtype names: check_device fails in one sentence, decode_dtype picks bf16 only where
-the hardware computes it natively."""
+"""Device, dtype and weight layout: check_device fails in one sentence, decode_dtype picks bf16
+only where the hardware computes it natively, decode_weights changes the memory order of the
+weights and nothing else."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from kforcing.core.device import check_device, decode_dtype, native_bf16
+from kforcing.core.device import (
+    arrange_weights,
+    check_device,
+    decode_dtype,
+    decode_layout,
+    decode_weights,
+    in_major,
+    layout_of,
+    native_bf16,
+)
+from kforcing.decoding.ar import generate_ar
 from kforcing.errors import KForcingError
+from kforcing.io.checkpoint import load_model, save_model
+from kforcing.students.feedback import FeedbackConfig, FeedbackStudent
 
 
 def test_check_device_names():
@@ -44,3 +58,54 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
     monkeypatch.setattr("builtins.open", fake("fpu sse avx2"))
     assert not native_bf16("cpu")
     assert not native_bf16("mps")
+
+
+# -- weight layout --------------------------------------------------------------------------------
+
+def test_decode_layout_picks_in_major_for_fp32_on_a_cpu_only():
+    assert decode_layout("auto", torch.float32) == "in-major"
+    assert decode_layout("auto", torch.bfloat16) == "out-major"
+    assert decode_layout("auto", torch.float32, "meta") == "out-major"
+    assert decode_layout("out-major", torch.float32) == "out-major"
+    with pytest.raises(KForcingError, match="layout must be one of auto, out-major, in-major, "
+                       "got 'rows'"):
+        decode_layout("rows", torch.float32)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_arranged_weights_decode_the_same_and_save_as_before(make_model, tmp_path, tied):
+    model = make_model(tie_embeddings=tied)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=g)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(ids)
+        decode_weights(model, torch.float32)               # auto: in-major on this CPU
+        linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+        assert all(in_major(w) and layout_of(w) == "in-major" for w in linears)
+        assert (model.output.weight is model.tok_embeddings.weight) == tied
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
+        assert generate_ar(model, ids.tolist(), 6).tokens == generate_ar(
+            make_model(tie_embeddings=tied), ids.tolist(), 6).tokens
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())   # the values, unchanged
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in before.items())
+    assert all(w.is_contiguous() for w in again.parameters())           # saved out-major
+    arrange_weights(model, "out-major")
+    assert all(w.is_contiguous() for w in model.parameters())
+
+
+def test_a_students_frozen_teacher_and_draft_head_follow_the_layout(make_model):
+    teacher = make_model()
+    ids = torch.arange(0, teacher.config.vocab_size, 3)
+    student = FeedbackStudent(teacher, FeedbackConfig(max_k=2, draft_vocab_size=len(ids)),
+                              draft_ids=ids).eval()
+    decode_weights(student, torch.float32, "in-major")
+    assert in_major(teacher.output.weight) and in_major(student.fc.weight)
+    head = student.head_weight()
+    assert in_major(head) and torch.equal(head, teacher.output.weight[student.draft_ids])
+    decode_weights(student, torch.bfloat16)                         # auto: out-major in bf16
+    assert teacher.output.weight.dtype == torch.bfloat16
+    assert teacher.output.weight.is_contiguous() and student.head_weight().is_contiguous()

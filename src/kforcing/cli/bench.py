@@ -20,6 +20,7 @@ from kforcing.cli.common import (
     path,
     positive,
 )
+from kforcing.core.device import LAYOUTS
 from kforcing.decoding.machine import load_avg_1m
 from kforcing.errors import KForcingError
 from kforcing.evaluation.bench import (
@@ -68,7 +69,7 @@ def bench_config(args) -> BenchConfig:
                        or None, repeats=args.repeats, max_seconds=args.max_seconds, ks=ks,
                        methods=methods, temperature=args.temperature, seed=args.seed,
                        cache=args.cache, roofline=not args.no_roofline,
-                       interleave=args.interleave)
+                       interleave=args.interleave, layout=args.layout)
 
 
 def cmd_bench(args) -> None:
@@ -155,6 +156,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--dtype", type=dtypes, default=[default_of(BenchConfig, "dtype")],
                     help=f"weights and activations of every decoder: one of {','.join(DTYPES)} "
                     "or a list (fp32,bf16 measures each and reports which wins per batch size)")
+    sp.add_argument("--layout", choices=LAYOUTS, default=default_of(BenchConfig, "layout"),
+                    help="the weights' memory order while decoding (auto: in-major for fp32 on "
+                    "a CPU, where it streams faster; rows record it as machine.weight_layout)")
     sp.add_argument("--cores", help="pin the process to these cores (e.g. 0 or 0-3) before "
                     "anything runs; rows record the load average either way")
     sp.add_argument("--no-roofline", action="store_true",

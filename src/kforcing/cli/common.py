@@ -13,7 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kforcing.core.config import load_json
+from kforcing.core.device import decode_weights
 from kforcing.decoding.generate import compile_decoders as compile_model_decoders
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import load_model, tokenizer_path
@@ -158,7 +161,8 @@ def student_tokenizer(path: str | Path) -> Path:
 
 
 def load_with_tokenizer(path: str, device: str, *, allow_student: bool = False):
-    """(model, tokenizer) from a model or run directory; a K-Forcing student when allowed."""
+    """(model, tokenizer) from a model or run directory; a K-Forcing student when allowed. The
+    model is in fp32 with its weights in the layout that decodes fastest (core.device)."""
     if allow_student and is_student_dir(path):
         model = load_student(path, device=device)
         vocab = model.model_config.vocab_size
@@ -170,7 +174,7 @@ def load_with_tokenizer(path: str, device: str, *, allow_student: bool = False):
     if tok.get_vocab_size() > vocab:
         raise KForcingError(f"tokenizer has {tok.get_vocab_size()} tokens but the model only "
                             f"{vocab}: mismatched tokenizer")
-    return model, tok
+    return decode_weights(model, torch.float32), tok
 
 
 def print_json(obj: Any) -> None:

@@ -28,7 +28,7 @@ from kforcing.cli.common import (
     student_tokenizer,
     temperatures,
 )
-from kforcing.core.device import DECODE_DTYPES, decode_dtype
+from kforcing.core.device import DECODE_DTYPES, decode_dtype, decode_weights
 from kforcing.errors import KForcingError
 from kforcing.evaluation.bench_machine import parse_cores, pin_cores
 from kforcing.evaluation.chat import (
@@ -157,7 +157,7 @@ def cmd_eval_chat(args) -> None:
                if info.layout == "feedback" else load_student(args.student, device=args.device))
     check_chat_student(student)
     dtype = decode_dtype(args.dtype, args.device)
-    student, teacher = student.to(dtype), teacher.to(dtype)   # a feedback student moves its own
+    student, teacher = decode_weights(student, dtype), decode_weights(teacher, dtype)
     tok = load_tokenizer(tokenizer_path(teacher_path))
     if tok.get_vocab_size() > teacher.config.vocab_size:
         raise KForcingError(f"the tokenizer of {teacher_path} has {tok.get_vocab_size()} tokens "

@@ -17,6 +17,7 @@ from kforcing.cli.common import (
     path,
     positive,
 )
+from kforcing.core.device import decode_weights
 from kforcing.core.sampling import CDF_ORDERS, SamplingConfig
 from kforcing.decoding.generate import generate
 from kforcing.evaluation.roofline import DTYPES, dtype_of
@@ -26,7 +27,7 @@ from kforcing.students.store import teacher_of
 
 def cmd_generate(args) -> None:
     model, tok = load_with_tokenizer(args.model, args.device, allow_student=True)
-    model = model.to(dtype_of(args.dtype))
+    model = decode_weights(model, dtype_of(args.dtype))
     prompts = args.prompt or ["The"]
     ids = [tok.encode(p).ids for p in prompts]
     student = isinstance(model, PushForward)
@@ -34,7 +35,7 @@ def cmd_generate(args) -> None:
     # shared-layout student names its teacher's directory
     teacher = (teacher_of(model, args.model)
                if student and (args.lossless or args.k == "auto") else None)
-    teacher = None if teacher is None else teacher.to(model_dtype(model))
+    teacher = None if teacher is None else decode_weights(teacher, model_dtype(model))
     if args.compile:
         compile_decoders(model, teacher)
     sampling = SamplingConfig(cdf_order=args.cdf_order) if args.cdf_order else None

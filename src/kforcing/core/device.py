@@ -68,3 +68,68 @@ def decode_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+# -- weight layout ------------------------------------------------------------------------------
+
+LAYOUTS = ("auto", "out-major", "in-major")
+
+
+def decode_layout(name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> str:
+    """How a linear layer's (out, in) weight sits in memory while decoding: out-major (torch's
+    own: each output's row contiguous) or in-major (the transpose contiguous, seen through a
+    transposed view, so `F.linear` is unchanged). auto: in-major for fp32 on a CPU, where a
+    one-row product streams it faster (docs/RESULTS.md, "Weight layout"), out-major elsewhere
+    (bf16 on this project's CPU streamed slower in-major; GPU libraries take either)."""
+    if name not in LAYOUTS:
+        raise KForcingError(f"layout must be one of {', '.join(LAYOUTS)}, got '{name}'")
+    if name != "auto":
+        return name
+    return "in-major" if torch.device(device).type == "cpu" and dtype == torch.float32 \
+        else "out-major"
+
+
+def in_major(w: torch.Tensor) -> bool:
+    return w.dim() == 2 and w.shape[0] > 1 and w.stride() == (1, w.shape[0])
+
+
+def layout_of(w: torch.Tensor) -> str:
+    return "in-major" if in_major(w) else "out-major"
+
+
+def laid_out(w: torch.Tensor, layout: str) -> torch.Tensor:
+    """w (out, in) with the same values in `layout`'s memory order."""
+    if layout == "in-major":
+        return w if in_major(w) else w.t().contiguous().t()
+    return w.contiguous()
+
+
+def same_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """t (a copy made from ref's rows, e.g. a draft vocabulary's slice of a head) in ref's
+    layout."""
+    return laid_out(t, layout_of(ref))
+
+
+def arrange_weights(module: torch.nn.Module, layout: str) -> torch.nn.Module:
+    """Put every linear weight of module (a tied output head, shared with its embedding, once)
+    in `layout` (out-major or in-major), in place; values and results stay the same up to
+    rounding. A student's frozen teacher goes along. Checkpoints are written contiguous
+    (out-major) whatever the layout."""
+    seen = set()
+    held = getattr(module, "teacher", None)     # a student's frozen teacher is no submodule
+    mods = [*module.modules(), *(held.modules() if isinstance(held, torch.nn.Module) else ())]
+    for m in mods:
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            with torch.no_grad():
+                m.weight.data = laid_out(m.weight.data, layout)
+    return module
+
+
+def decode_weights(module: torch.nn.Module, dtype: torch.dtype, layout: str = "auto"
+                   ) -> torch.nn.Module:
+    """module cast to dtype with its weights in the layout that decodes fastest there
+    (decode_layout), in place: what every decoding command does to the models it loads."""
+    module = module.to(dtype)
+    w = next(module.parameters())
+    return arrange_weights(module, decode_layout(layout, dtype, w.device))

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kforcing.core.device import decode_layout, layout_of
 from kforcing.core.model import Transformer
 from kforcing.core.sampling import SamplingConfig
 from kforcing.decoding.ar import generate_ar
@@ -49,7 +50,7 @@ from kforcing.decoding.generate import generate
 from kforcing.decoding.machine import Watch
 from kforcing.errors import KForcingError
 from kforcing.evaluation.bench_compiled import lend_compiled
-from kforcing.evaluation.bench_inputs import make_prompts
+from kforcing.evaluation.bench_inputs import make_prompts, ready_models
 from kforcing.evaluation.bench_machine import busy_warning, usable_cores
 from kforcing.evaluation.bench_plot import plot, series_label
 from kforcing.evaluation.bench_report import add_roofline, dtype_winners, roofline_markdown
@@ -78,6 +79,7 @@ class BenchConfig:
     seed: int = 0
     cache: str | None = None           # autok cache directory
     dtype: str = "fp32"                # weights and activations of every decoder: fp32 | bf16
+    layout: str = "auto"               # their weights' memory order (core.device.decode_layout)
     roofline: bool = True              # calibrate the machine; bound and fraction per row
     interleave: bool = False           # methods take turns at each batch size (bench_rounds)
 
@@ -95,7 +97,7 @@ class BenchConfig:
                                 f"noise to samples), got {self.temperature}")
         if self.new_tokens_at and min(self.new_tokens_at.values()) < 1:
             raise KForcingError("new tokens per batch size must be >= 1")
-        dtype_of(self.dtype)
+        decode_layout(self.layout, dtype_of(self.dtype))
 
     def tokens_at(self, batch_size: int) -> int:
         return (self.new_tokens_at or {}).get(batch_size, self.new_tokens)
@@ -250,19 +252,6 @@ class Bench:
                     self.command, extra)
 
 
-def check_models(teacher: Transformer, student, cfg: BenchConfig) -> None:
-    """The student must be the teacher's, and every row's tokens must fit the context."""
-    mcfg = teacher.config
-    if student is not None and student.model_config != mcfg:
-        raise KForcingError("the student's backbone differs from the teacher's architecture: "
-                            "benchmark a student against its own teacher")
-    most = max(cfg.tokens_at(B) for B in cfg.batch_sizes)
-    need = cfg.prompt_len + most + (2 * student.config.max_k if student else 0)
-    if need > mcfg.max_seq_len:
-        raise KForcingError(f"prompt {cfg.prompt_len} + {most} new tokens exceed the "
-                            f"model's context {mcfg.max_seq_len}")
-
-
 def choose_methods(cfg: BenchConfig, student, draft: Transformer | None, teacher: Transformer,
                    skipped: list[dict]) -> tuple[set[str], list[int]]:
     """The methods that can run with these models (the others go to `skipped`) and the fixed
@@ -407,14 +396,13 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
     the HF peers run); `student` a K-Forcing student of that teacher; `draft` the small model
     for HF assisted generation."""
     cfg = cfg or BenchConfig()
-    dt = dtype_of(cfg.dtype)   # cast in place: the models run in the benchmarked dtype
-    teacher = teacher.to(dt).eval()
-    student = None if student is None else student.to(dt)
-    draft = None if draft is None else draft.to(dt)
-    check_models(teacher, student, cfg)
+    teacher, student, draft = ready_models(teacher, student, draft, dtype_of(cfg.dtype),
+                                           cfg.layout, cfg.prompt_len,
+                                           max(cfg.tokens_at(B) for B in cfg.batch_sizes))
     skipped: list[dict] = []
     methods, ks = choose_methods(cfg, student, draft, teacher, skipped)
-    machine = {**machine_info(), "dtype": cfg.dtype, "cores_pinned": usable_cores()}
+    machine = {**machine_info(), "dtype": cfg.dtype, "cores_pinned": usable_cores(),
+               "weight_layout": layout_of(teacher.output.weight)}
     b = Bench(teacher, student, draft, cfg, machine, command or command_line())
     if methods & {"hf-generate", "hf-assisted"}:
         import transformers  # optional dependency: only the HF peers need it

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from kforcing.core.config import ModelConfig
+from kforcing.core.device import decode_weights
 from kforcing.core.model import Transformer
 from kforcing.errors import KForcingError
 from kforcing.io.checkpoint import load_model
@@ -29,6 +30,23 @@ def make_prompts(batch_size: int, prompt_len: int, vocab: int, data: str | Path 
         idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
         return [[int(t) for t in tokens.block(i, prompt_len)[:prompt_len]] for i in idx]
     return torch.randint(0, vocab, (batch_size, prompt_len), generator=g).tolist()
+
+
+def ready_models(teacher: Transformer, student, draft: Transformer | None, dtype: torch.dtype,
+                 layout: str, prompt_len: int, new_tokens: int):
+    """(teacher, student, draft) cast to the benchmarked dtype with their weights in `layout`
+    (core.device.decode_weights), in place, once the student is known to be the teacher's and
+    a row's prompt and new tokens to fit the context."""
+    mcfg = teacher.config
+    if student is not None and student.model_config != mcfg:
+        raise KForcingError("the student's backbone differs from the teacher's architecture: "
+                            "benchmark a student against its own teacher")
+    need = prompt_len + new_tokens + (2 * student.config.max_k if student else 0)
+    if need > mcfg.max_seq_len:
+        raise KForcingError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the "
+                            f"model's context {mcfg.max_seq_len}")
+    return tuple(None if m is None else decode_weights(m, dtype, layout).eval()
+                 for m in (teacher, student, draft))
 
 
 def load_models(model: str | None, student: str | None, draft: str | None):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kforcing.core.config import load_json
-from kforcing.core.device import decode_dtype
+from kforcing.core.device import decode_dtype, decode_weights
 from kforcing.errors import KForcingError
 from kforcing.evaluation.chat import ChatEvalConfig, chat_eval, load_prompts
 from kforcing.evaluation.roofline import dtype_name
@@ -90,8 +90,8 @@ def run_demo(*, out: str = "runs/demo", cache: str | None = None, minutes: float
         raise KForcingError(f"{student_dir} is not a token-feedback student with a recorded "
                             "teacher: the demo compares one (`kforcing distill --design "
                             "feedback`)")
-    return _compare(load_student(student_dir).to(dt), info.teacher_dir, student_dir, out_dir,
-                    new_tokens, k)
+    return _compare(decode_weights(load_student(student_dir), dt), info.teacher_dir,
+                    student_dir, out_dir, new_tokens, k)
 
 
 def _trained(path: str) -> bool:

@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer
 
 from kforcing.core.config import load_json
+from kforcing.core.device import decode_weights
 from kforcing.core.model import Transformer
 from kforcing.core.noise import NoiseStream
 from kforcing.core.sampling import SamplingConfig
@@ -118,6 +119,9 @@ def load_served(path: str | Path, *, device: str = "cpu", name: str | None = Non
     else:
         model = ar_model = load_model(path, device=device)
         tok_dir, teacher_dir, base = path, None, SamplingConfig()
+    for m in (model, ar_model):           # fp32, in the layout that decodes fastest here
+        if m is not None:
+            decode_weights(m, torch.float32)
     tok_file = tok_dir / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file if tok_file.is_file() else tokenizer_path(path))
     chat = _chat_config([path, tok_dir] + ([teacher_dir] if teacher_dir else []))

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kforcing.core.config import from_dict, load_json
+from kforcing.core.device import same_layout
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.model import Block, RMSNorm, Transformer, causal_mask
 from kforcing.core.sampling import COUPLINGS, SamplingConfig, sample, top_tokens
@@ -218,7 +219,7 @@ class FeedbackStudent(nn.Module):
         key = (w.data_ptr(), version, w.dtype, w.device, self.draft_ids.data_ptr())
         if getattr(self, "_head_key", None) != key:
             with torch.inference_mode(False), torch.no_grad():
-                head = w[self.draft_ids]          # a normal tensor: training may use it too
+                head = same_layout(w[self.draft_ids], w)   # a normal tensor (training uses it)
             object.__setattr__(self, "_head", head)
             object.__setattr__(self, "_head_key", key)
         return self._head
