@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from kforcing.core import device
 from kforcing.core.device import (
     arrange_weights,
     check_device,
@@ -15,6 +16,7 @@ from kforcing.core.device import (
     decode_layout,
     decode_weights,
     in_major,
+    last_level_cache_bytes,
     layout_of,
     native_bf16,
 )
@@ -62,25 +64,43 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
 
 # -- weight layout --------------------------------------------------------------------------------
 
-def test_decode_layout_picks_in_major_for_fp32_on_a_cpu_only():
-    assert decode_layout("auto", torch.float32) == "in-major"
-    assert decode_layout("auto", torch.bfloat16) == "out-major"
-    assert decode_layout("auto", torch.float32, "meta") == "out-major"
+def test_last_level_cache_is_read_from_sysfs(tmp_path):
+    for name, level, size in (("index0", 1, "48K"), ("index2", 2, "2048K"),
+                              ("index3", 3, "300M"), ("index4", 0, "junk")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(f"{level}\n")
+        (tmp_path / name / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(str(tmp_path)) == 300 << 20
+    assert last_level_cache_bytes(str(tmp_path / "none")) is None
+
+
+def test_decode_layout_picks_in_major_for_fp32_weights_beyond_the_cache(monkeypatch):
+    monkeypatch.setattr(device, "last_level_cache_bytes", lambda: 1000)
+    assert decode_layout("auto", torch.float32, "cpu", 1001) == "in-major"
+    assert decode_layout("auto", torch.float32, "cpu", 1000) == "out-major"   # the cache holds it
+    assert decode_layout("auto", torch.float32, "cpu") == "out-major"         # size unknown
+    assert decode_layout("auto", torch.bfloat16, "cpu", 10**9) == "out-major"
+    assert decode_layout("auto", torch.float32, "meta", 10**9) == "out-major"
     assert decode_layout("out-major", torch.float32) == "out-major"
+    assert decode_layout("in-major", torch.bfloat16) == "in-major"
+    monkeypatch.setattr(device, "last_level_cache_bytes", lambda: None)     # unreadable
+    assert decode_layout("auto", torch.float32, "cpu", 10**9) == "out-major"
     with pytest.raises(KForcingError, match="layout must be one of auto, out-major, in-major, "
                        "got 'rows'"):
         decode_layout("rows", torch.float32)
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_arranged_weights_decode_the_same_and_save_as_before(make_model, tmp_path, tied):
+def test_arranged_weights_decode_the_same_and_save_as_before(make_model, tmp_path, tied,
+                                                             monkeypatch):
+    monkeypatch.setattr(device, "last_level_cache_bytes", lambda: 1)   # auto: in-major
     model = make_model(tie_embeddings=tied)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=g)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref = model(ids)
-        decode_weights(model, torch.float32)               # auto: in-major on this CPU
+        decode_weights(model, torch.float32)
         linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
         assert all(in_major(w) and layout_of(w) == "in-major" for w in linears)
         assert (model.output.weight is model.tok_embeddings.weight) == tied

@@ -157,8 +157,9 @@ def add_parser(sub) -> None:
                     help=f"weights and activations of every decoder: one of {','.join(DTYPES)} "
                     "or a list (fp32,bf16 measures each and reports which wins per batch size)")
     sp.add_argument("--layout", choices=LAYOUTS, default=default_of(BenchConfig, "layout"),
-                    help="the weights' memory order while decoding (auto: in-major for fp32 on "
-                    "a CPU, where it streams faster; rows record it as machine.weight_layout)")
+                    help="the weights' memory order while decoding (auto: in-major for fp32 "
+                    "weights larger than the CPU's last-level cache, which stream faster so; "
+                    "rows record it as machine.weight_layout)")
     sp.add_argument("--cores", help="pin the process to these cores (e.g. 0 or 0-3) before "
                     "anything runs; rows record the load average either way")
     sp.add_argument("--no-roofline", action="store_true",

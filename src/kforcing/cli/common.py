@@ -162,7 +162,8 @@ def student_tokenizer(path: str | Path) -> Path:
 
 def load_with_tokenizer(path: str, device: str, *, allow_student: bool = False):
     """(model, tokenizer) from a model or run directory; a K-Forcing student when allowed. The
-    model is in fp32 with its weights in the layout that decodes fastest (core.device)."""
+    model is in fp32 with its weights in the layout that decodes fastest (core.device.
+    decode_weights)."""
     if allow_student and is_student_dir(path):
         model = load_student(path, device=device)
         vocab = model.model_config.vocab_size

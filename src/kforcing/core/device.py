@@ -1,10 +1,13 @@
-"""One place that turns a `--device` string into a device this torch install can use.
+"""Where and how a model decodes: the device (`check_device`), the dtype (`decode_dtype`) and
+the memory order of its weights (`decode_layout`, `decode_weights`).
 
 torch accepts any well-formed name (`cuda` on a CPU-only build, `mps` on Linux) and fails later,
 deep inside the first tensor move, with a traceback; `check_device` fails first, in one sentence.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -75,17 +78,37 @@ def decode_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
 LAYOUTS = ("auto", "out-major", "in-major")
 
 
-def decode_layout(name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> str:
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The size of this CPU's last-level cache (read from sysfs; None where it cannot be)."""
+    best: tuple[int, int] | None = None
+    for d in Path(root).glob("index*"):
+        try:
+            level = int((d / "level").read_text())
+            text = (d / "size").read_text().strip().upper()
+            size = int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(
+                text[-1:], 1)
+        except (OSError, ValueError):
+            continue
+        best = max(best or (level, size), (level, size))
+    return None if best is None else best[1]
+
+
+def decode_layout(name: str, dtype: torch.dtype, device: str | torch.device = "cpu",
+                  weight_bytes: int | None = None) -> str:
     """How a linear layer's (out, in) weight sits in memory while decoding: out-major (torch's
     own: each output's row contiguous) or in-major (the transpose contiguous, seen through a
-    transposed view, so `F.linear` is unchanged). auto: in-major for fp32 on a CPU, where a
-    one-row product streams it faster (docs/RESULTS.md, "Weight layout"), out-major elsewhere
-    (bf16 on this project's CPU streamed slower in-major; GPU libraries take either)."""
+    transposed view, so `F.linear` is unchanged). auto: in-major for fp32 weights larger than
+    the CPU's last-level cache, which a one-row product streams faster in-major (SmolLM2-135M:
+    1.16x compiled AR decoding; docs/RESULTS.md, "Weight layout"); out-major elsewhere: a model
+    the cache holds (the Brown teacher decoded 0.91x compiled in-major), bf16 (slower
+    in-major on this project's CPU), GPUs (whose libraries take either)."""
     if name not in LAYOUTS:
         raise KForcingError(f"layout must be one of {', '.join(LAYOUTS)}, got '{name}'")
     if name != "auto":
         return name
-    return "in-major" if torch.device(device).type == "cpu" and dtype == torch.float32 \
+    cache = last_level_cache_bytes()
+    big = weight_bytes is not None and cache is not None and weight_bytes > cache
+    return "in-major" if torch.device(device).type == "cpu" and dtype == torch.float32 and big \
         else "out-major"
 
 
@@ -116,14 +139,18 @@ def arrange_weights(module: torch.nn.Module, layout: str) -> torch.nn.Module:
     rounding. A student's frozen teacher goes along. Checkpoints are written contiguous
     (out-major) whatever the layout."""
     seen = set()
-    held = getattr(module, "teacher", None)     # a student's frozen teacher is no submodule
-    mods = [*module.modules(), *(held.modules() if isinstance(held, torch.nn.Module) else ())]
-    for m in mods:
-        if isinstance(m, torch.nn.Linear) and id(m.weight) not in seen:
+    for m in _linears(module):
+        if id(m.weight) not in seen:
             seen.add(id(m.weight))
             with torch.no_grad():
                 m.weight.data = laid_out(m.weight.data, layout)
     return module
+
+
+def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
+    held = getattr(module, "teacher", None)     # a student's frozen teacher is no submodule
+    mods = [*module.modules(), *(held.modules() if isinstance(held, torch.nn.Module) else ())]
+    return [m for m in mods if isinstance(m, torch.nn.Linear)]
 
 
 def decode_weights(module: torch.nn.Module, dtype: torch.dtype, layout: str = "auto"
@@ -131,5 +158,7 @@ def decode_weights(module: torch.nn.Module, dtype: torch.dtype, layout: str = "a
     """module cast to dtype with its weights in the layout that decodes fastest there
     (decode_layout), in place: what every decoding command does to the models it loads."""
     module = module.to(dtype)
-    w = next(module.parameters())
-    return arrange_weights(module, decode_layout(layout, dtype, w.device))
+    ws = {id(m.weight): m.weight for m in _linears(module)}.values()
+    nbytes = sum(w.numel() * w.element_size() for w in ws)
+    device = next(module.parameters()).device
+    return arrange_weights(module, decode_layout(layout, dtype, device, nbytes))
