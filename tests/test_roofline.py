@@ -143,7 +143,8 @@ def test_bench_rows_carry_load_cpu_and_their_bound(make_model, tmp_path):
     for r in res.rows:
         m = r.machine
         assert {"load_avg_1m", "load_avg_1m_after", "cpu_seconds", "wall_seconds", "busy",
-                "busy_reasons", "dtype", "cores_pinned"} <= set(m)
+                "busy_reasons", "dtype", "cores_pinned", "weight_layout"} <= set(m)
+        assert m["weight_layout"] == "out-major"      # auto: the tiny model fits in any cache
         assert m["cpu_seconds"] > 0 and m["wall_seconds"] > 0 and m["dtype"] == "fp32"
         assert r.extra["fraction_of_bound"] > 0 and r.extra["roofline_bound_tokens_per_s"] > 0
         # the share divides the decode phase's rate (the bound has no prefill in it)
@@ -210,6 +211,22 @@ def test_bench_cli_measures_both_dtypes_and_names_the_winner(capsys, saved_tiny_
     with pytest.raises(SystemExit):
         main(["bench", "--dtype", "fp16"])
     assert "choose from fp32, bf16" in capsys.readouterr().err
+
+
+def test_bench_cli_layout_is_applied_recorded_and_checked(capsys, saved_tiny_model, tmp_path):
+    rc = main(["bench", "--model", str(saved_tiny_model), "--batch-sizes", "1",
+               "--new-tokens", "3", "--prompt-len", "3", "--repeats", "1", "--no-hf",
+               "--layout", "in-major", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert read_rows(tmp_path / "bench.jsonl")[0]["machine"]["weight_layout"] == "in-major"
+    meta = json.loads((tmp_path / "bench_meta.json").read_text())
+    assert "out-major" in meta["config"]["roofline"]["fp32"]["calibration"]["source"]
+    assert "in-major" in meta["config"]["roofline"]["fp32"]["calibration"]["source"]
+    with pytest.raises(SystemExit):
+        main(["bench", "--layout", "rows"])
+    assert "invalid choice: 'rows'" in capsys.readouterr().err
+    with pytest.raises(KForcingError, match="layout must be one of"):
+        BenchConfig(layout="rows")
 
 
 def test_generate_cli_decodes_in_bf16(capsys, saved_tiny_model):
