@@ -142,8 +142,8 @@ def batch_invariant(model: torch.nn.Module, rows: int) -> bool:
     with AMX / AVX512-BF16 up to 32 rows; False for fp32 there (a one-row product takes another
     kernel). Only then does attending per query make a k-token pass repeat k steps exactly."""
     w0 = next(model.parameters())
-    key = (w0.dtype, w0.device, rows, tuple(m.weight.stride() for m in model.modules()
-                                            if isinstance(m, nn.Linear))[:1])
+    first = next((m.weight for m in model.modules() if isinstance(m, nn.Linear)), w0)
+    key = (w0.dtype, w0.device, rows, first.stride())      # a new layout is probed anew
     known = _INVARIANT.setdefault(model, {})
     if key not in known:
         g = torch.Generator(device=w0.device).manual_seed(0)
