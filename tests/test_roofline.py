@@ -22,6 +22,7 @@ from kforcing.evaluation.roofline import (
     calibrate,
     compute_bound_batch,
     decode_rate,
+    fastest,
     linear_params,
     pass_costs,
     roofline_section,
@@ -86,6 +87,14 @@ def test_calibrate_divides_bytes_and_flops_by_the_timed_seconds():
     assert "0 MB streamed" in streamed.source
     with pytest.raises(KForcingError, match="dtype must be one of"):
         calibrate("fp16")
+
+
+def test_fastest_of_several_calibrations_is_the_strictest_bound():
+    a, b = Calibration("fp32", 10.0, 40.0, "a"), Calibration("fp32", 12.0, 30.0, "b")
+    both = fastest([a, b])
+    assert (both.matvec_gb_per_s, both.matmul_gflop_per_s) == (12.0, 40.0)
+    assert both.source == "the fastest of 2 calibrations: a; b"
+    assert fastest([a]) is a
 
 
 CPU = Calibration("fp32", 10.0, 34.0, "test")
@@ -155,6 +164,12 @@ def test_bench_rows_carry_load_cpu_and_their_bound(make_model, tmp_path):
     meta = json.loads(write_results(res, tmp_path / "out")["meta"].read_text())
     assert "busy_warning" in meta
     assert meta["config"]["roofline"]["fp32"]["calibration"]["dtype"] == "fp32"
+    # calibrated before and after the rows; the bound is the faster reading of each rate
+    cals = [Calibration(**c) for c in meta["config"]["roofline"]["fp32"]["calibrations"]]
+    assert len(cals) == 2
+    used = meta["config"]["roofline"]["fp32"]["calibration"]
+    assert used["matvec_gb_per_s"] == max(c.matvec_gb_per_s for c in cals)
+    assert used["matmul_gflop_per_s"] == max(c.matmul_gflop_per_s for c in cals)
     assert res.roofline_md.startswith("## Roofline") and "kforcing k=2" in res.roofline_md
 
 

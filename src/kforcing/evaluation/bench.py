@@ -21,8 +21,9 @@ Every row's `machine` records the 1-minute load average before (`load_avg_1m`) a
 configuration, the CPU seconds the process got for its wall seconds, and `busy` with the
 reasons when the machine was shared (kforcing.evaluation.bench_machine); the meta JSON carries
 one loud warning when any row was busy. With `roofline` on, a short calibration of this machine
-in the benchmarked dtype gives each ar / kforcing row its roofline bound and the measured
-fraction of it (kforcing.evaluation.roofline), and the meta JSON the per-method summary.
+in the benchmarked dtype, before and after the rows (the faster counts), gives each ar /
+kforcing row its roofline bound and the measured fraction of it (kforcing.evaluation.
+roofline), and the meta JSON the per-method summary with both calibrations.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ from kforcing.evaluation.bench_compiled import lend_compiled
 from kforcing.evaluation.bench_inputs import make_prompts, ready_models
 from kforcing.evaluation.bench_machine import busy_warning, usable_cores
 from kforcing.evaluation.bench_plot import plot, series_label
-from kforcing.evaluation.bench_report import add_roofline, dtype_winners, roofline_markdown
+from kforcing.evaluation.bench_report import (
+    add_roofline,
+    calibrate_for,
+    dtype_winners,
+    roofline_markdown,
+)
 from kforcing.evaluation.bench_rounds import interleaved_rows
 from kforcing.evaluation.roofline import dtype_of
 from kforcing.io.checkpoint import atomic_write_bytes, atomic_write_json
@@ -419,6 +425,8 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
         return prompts_by_b[B]
 
     plan = plan_rows(cfg, methods, ks, skipped)
+    model = student if student is not None else teacher
+    before = calibrate_for(model, ks, cfg) if cfg.roofline else None   # and again after
     bar = tqdm(total=len(plan) * (cfg.repeats if cfg.interleave else 1), disable=not progress,
                desc="bench", unit="run" if cfg.interleave else "config", dynamic_ncols=True)
 
@@ -434,8 +442,8 @@ def run_bench(teacher: Transformer, student=None, *, draft: Transformer | None =
             on_row(B, method, k)
             rows.append(ROWS[method](b, B, k, prompts_for(B)))
     bar.close()
-    model = student if student is not None else teacher
-    roof = {cfg.dtype: add_roofline(rows, model, ks, cfg)} if cfg.roofline else None
+    roof = ({cfg.dtype: add_roofline(rows, model, ks, cfg, [before, calibrate_for(model, ks, cfg)])}
+            if cfg.roofline else None)
     conf = {**asdict(cfg), "data": str(data) if data else None, "params": teacher.num_params(),
             "student": None if student is None else asdict(student.config),
             "prompts": "validation text" if data else "random tokens", "roofline": roof,

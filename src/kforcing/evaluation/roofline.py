@@ -108,6 +108,17 @@ def calibrate(dtype: str = "fp32", *, working_set: int | None = None, dim: int =
                        + ", ".join(f"{k} {v:.1f} GB/s" for k, v in rates.items()) + ")")
 
 
+def fastest(cals: list[Calibration]) -> Calibration:
+    """One calibration from several of the same dtype: the highest bandwidth and the highest
+    matmul rate any of them measured (the strictest bound), their sources joined."""
+    if len(cals) == 1:
+        return cals[0]
+    return Calibration(cals[0].dtype, max(c.matvec_gb_per_s for c in cals),
+                       max(c.matmul_gflop_per_s for c in cals),
+                       f"the fastest of {len(cals)} calibrations: "
+                       + "; ".join(c.source for c in cals))
+
+
 # -- the model ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
