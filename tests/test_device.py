@@ -12,6 +12,7 @@ from kforcing.core import device
 from kforcing.core.device import (
     arrange_weights,
     check_device,
+    compile_options,
     decode_dtype,
     decode_layout,
     decode_weights,
@@ -129,3 +130,8 @@ def test_a_students_frozen_teacher_and_draft_head_follow_the_layout(make_model):
     decode_weights(student, torch.bfloat16)                         # auto: out-major in bf16
     assert teacher.output.weight.dtype == torch.bfloat16
     assert teacher.output.weight.is_contiguous() and student.head_weight().is_contiguous()
+
+
+def test_compile_options_wrap_cpu_graphs_in_cpp():
+    assert compile_options("cpu") == {"freezing": True, "cpp_wrapper": True}
+    assert compile_options(torch.device("cuda", 0)) == {}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kforcing.core.config import ModelConfig
+from kforcing.core.device import compile_options
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.tree import DraftTree
 from kforcing.errors import KForcingError
@@ -381,7 +382,8 @@ class Transformer(nn.Module):
 
     def compile_decode(self, **options) -> Transformer:
         """Opt in to compiled decode passes: decode_static as one torch.compile graph (CPU:
-        inductor with frozen weights, needs a C++ compiler; options go to torch.compile, e.g.
+        inductor with frozen weights and a C++ wrapper, core.device.compile_options, needs a
+        C++ compiler; options go to torch.compile, e.g.
         mode="reduce-overhead" for CUDA graphs). AR decoding (decoding/ar.py) and K-Forcing
         mode's teacher passes (decoding/feedback.py) then go through compiled_pass; lossless
         verification stays eager. The first pass compiles (tens of seconds, measured in
@@ -389,7 +391,6 @@ class Transformer(nn.Module):
         dynamic shapes. Fused kernels round differently from eager ones, so a sampled token can
         differ in a near-tie from eager decoding. Call it after the final .to(): the graph holds
         the weights as they are then. Returns self."""
-        options.setdefault("options", {"freezing": True}
-                           if self.output.weight.device.type == "cpu" else {})
+        options.setdefault("options", compile_options(self.output.weight.device))
         self.compiled_step = torch.compile(self.decode_static, fullgraph=True, **options)
         return self

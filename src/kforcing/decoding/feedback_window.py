@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kforcing.core.device import compile_options
 from kforcing.core.kv_cache import KVCache
 from kforcing.core.model import static_slots, static_stack
 from kforcing.core.noise import NoiseStream, gumbel_from_hashes, token_hashes
@@ -88,13 +89,13 @@ class WindowGraph(nn.Module):
 
 def compile_window(student, **options):
     """Opt in to compiled K-Forcing windows for a token-feedback student: WindowGraph as one
-    torch.compile graph (CPU: inductor with frozen weights, needs a C++ compiler; options go to
-    torch.compile). generate_feedback then runs K-Forcing mode's chain windows through it. The
-    first window compiles; a new batch size, k or cache size compiles once more with dynamic
-    shapes. Call it after the final .to(). Returns the student."""
+    torch.compile graph (CPU: inductor with frozen weights and a C++ wrapper, core.device.
+    compile_options, needs a C++ compiler; options go to torch.compile). generate_feedback
+    then runs K-Forcing mode's chain windows through it. The first window compiles; a new
+    batch size, k or cache size compiles once more with dynamic shapes. Call it after the
+    final .to(). Returns the student."""
     graph = WindowGraph(student)
-    options.setdefault("options", {"freezing": True}
-                       if student.teacher.output.weight.device.type == "cpu" else {})
+    options.setdefault("options", compile_options(student.teacher.output.weight.device))
     # not a submodule of the student: its state dict and .to() stay the student's own
     object.__setattr__(student, "compiled_window", torch.compile(graph, fullgraph=True,
                                                                  **options))
