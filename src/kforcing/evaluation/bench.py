@@ -175,8 +175,9 @@ def command_line() -> str:
 
 def measure(fn: Callable[[int], Run], new_tokens: int, repeats: int, max_seconds: float | None,
             warmup_tokens: int) -> list[Run]:
-    """fn(n) generates n tokens per row and reports a Run; warm-up excluded."""
-    fn(min(warmup_tokens, new_tokens))
+    """fn(n) generates n tokens per row and reports a Run; warm-up (if any) excluded."""
+    if warmup_tokens:
+        fn(min(warmup_tokens, new_tokens))
     runs: list[Run] = []
     t0 = time.perf_counter()
     while len(runs) < repeats:
@@ -246,9 +247,12 @@ class Bench:
     usage: dict = field(default_factory=dict)    # the last configuration's load and CPU time
 
     def measure(self, fn: Callable[[int], Run], B: int, warmup: int = 8) -> list[Run]:
-        """Warm-up and timed runs, bracketed by the load average and the CPU time they got."""
+        """A warm-up, then the timed runs, bracketed by the load average and the CPU time they
+        got (not the warm-up: a compiled row's warm-up may compile in worker processes, which
+        would read as a busy machine)."""
+        fn(min(warmup, self.cfg.tokens_at(B)))
         watch = Watch(torch.get_num_threads())
-        runs = measure(fn, self.cfg.tokens_at(B), self.cfg.repeats, self.cfg.max_seconds, warmup)
+        runs = measure(fn, self.cfg.tokens_at(B), self.cfg.repeats, self.cfg.max_seconds, 0)
         self.usage = watch.stop().record()
         return runs
 
