@@ -135,3 +135,14 @@ def test_a_students_frozen_teacher_and_draft_head_follow_the_layout(make_model):
 def test_compile_options_wrap_cpu_graphs_in_cpp():
     assert compile_options("cpu") == {"freezing": True, "cpp_wrapper": True}
     assert compile_options(torch.device("cuda", 0)) == {}
+
+
+def test_a_student_and_its_teacher_choose_the_same_layout(make_model, monkeypatch):
+    teacher = make_model()
+    student = FeedbackStudent(teacher, FeedbackConfig(max_k=2)).eval()
+    weights = {id(m.weight): m.weight for m in teacher.modules() if isinstance(m, nn.Linear)}
+    teacher_bytes = sum(w.numel() * 4 for w in weights.values())
+    monkeypatch.setattr(device, "last_level_cache_bytes", lambda: teacher_bytes)  # holds it
+    decode_weights(student, torch.float32)
+    decode_weights(teacher, torch.float32)
+    assert layout_of(teacher.output.weight) == layout_of(student.fc.weight) == "out-major"

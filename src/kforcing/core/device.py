@@ -156,9 +156,13 @@ def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
 def decode_weights(module: torch.nn.Module, dtype: torch.dtype, layout: str = "auto"
                    ) -> torch.nn.Module:
     """module cast to dtype with its weights in the layout that decodes fastest there
-    (decode_layout), in place: what every decoding command does to the models it loads."""
+    (decode_layout), in place: what every decoding command does to the models it loads. The
+    size that decides is the teacher's where module is a student holding one, so a student and
+    its teacher, arranged one after the other, always agree."""
     module = module.to(dtype)
-    ws = {id(m.weight): m.weight for m in _linears(module)}.values()
+    held = getattr(module, "teacher", None)
+    ws = {id(m.weight): m.weight
+          for m in _linears(held if isinstance(held, torch.nn.Module) else module)}.values()
     nbytes = sum(w.numel() * w.element_size() for w in ws)
     device = next(module.parameters()).device
     return arrange_weights(module, decode_layout(layout, dtype, device, nbytes))

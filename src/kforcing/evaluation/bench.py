@@ -173,11 +173,10 @@ def command_line() -> str:
 
 # -- one configuration --------------------------------------------------------------------------
 
-def measure(fn: Callable[[int], Run], new_tokens: int, repeats: int, max_seconds: float | None,
-            warmup_tokens: int) -> list[Run]:
-    """fn(n) generates n tokens per row and reports a Run; warm-up (if any) excluded."""
-    if warmup_tokens:
-        fn(min(warmup_tokens, new_tokens))
+def measure(fn: Callable[[int], Run], new_tokens: int, repeats: int, max_seconds: float | None
+            ) -> list[Run]:
+    """fn(n) generates n tokens per row and reports a Run: `repeats` timed runs (fewer once
+    max_seconds is spent); the caller warms up."""
     runs: list[Run] = []
     t0 = time.perf_counter()
     while len(runs) < repeats:
@@ -252,7 +251,7 @@ class Bench:
         would read as a busy machine)."""
         fn(min(warmup, self.cfg.tokens_at(B)))
         watch = Watch(torch.get_num_threads())
-        runs = measure(fn, self.cfg.tokens_at(B), self.cfg.repeats, self.cfg.max_seconds, 0)
+        runs = measure(fn, self.cfg.tokens_at(B), self.cfg.repeats, self.cfg.max_seconds)
         self.usage = watch.stop().record()
         return runs
 
